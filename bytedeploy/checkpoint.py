@@ -1,0 +1,163 @@
+"""The one checkpoint format: a directory holding
+
+  model.safetensors   the weights
+  config.json         format version, family, model config, training config, data metadata, step, history
+  train_state.pt      optimizer state, RNG states and step (only while training may resume)
+  assets/             family files that deployment needs (tokenizer models, vocabularies)
+
+Saves go to a temporary sibling directory that then replaces the old one, so a crash never leaves a half-written
+checkpoint and never destroys the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from bytedeploy import __version__
+from bytedeploy.config import config_from_dict, config_to_dict
+from bytedeploy.errors import UserError
+from bytedeploy.registry import get_family
+
+FORMAT = "bytedeploy-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TRAIN_STATE = "train_state.pt"
+ASSETS = "assets"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    family: str
+    model_config: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)  # train config, data description, step, history
+
+    @property
+    def assets(self) -> Path:
+        return self.path / ASSETS
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, family: str, model_config, meta: dict | None = None,
+                    train_state: dict | None = None, assets: dict[str, Path | bytes] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
+        save_file(_untie(state), tmp / WEIGHTS, metadata={"format": FORMAT, "family": family})
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "bytedeploy_version": __version__,
+               "family": family, "model_config": config_to_dict(model_config), "meta": meta or {}}
+        (tmp / CONFIG).write_text(json.dumps(doc, indent=2, default=str))
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        for name, src in (assets or {}).items():
+            (tmp / ASSETS).mkdir(exist_ok=True)
+            dst = tmp / ASSETS / name
+            if isinstance(src, bytes):
+                dst.write_bytes(src)
+            else:
+                shutil.copyfile(src, dst)
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied embeddings): store a copy of each repeat."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def _replace_dir(new: Path, dst: Path) -> None:
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(new, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read config.json; one-line UserError for anything that is not a bytedeploy checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if not path.is_dir() or not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise UserError(f"not a bytedeploy checkpoint (a folder with {CONFIG} and {WEIGHTS}): {path}")
+    try:
+        doc = json.loads((path / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"corrupt checkpoint config {path / CONFIG}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise UserError(f"not a bytedeploy checkpoint: {path / CONFIG} has no format {FORMAT!r}")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint format version {doc.get('format_version')} is not supported "
+                        f"(this bytedeploy reads version {FORMAT_VERSION}): {path}")
+    get_family(doc.get("family", "?"))
+    return Checkpoint(path, doc["family"], doc.get("model_config", {}), doc.get("meta", {}))
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path / WEIGHTS)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"corrupt weights {path / WEIGHTS}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """-> (model in eval mode on device, its Config, the Checkpoint)."""
+    ckpt = read_checkpoint(path)
+    family = get_family(ckpt.family)
+    cfg = config_from_dict(family.Config, ckpt.model_config, what=f"{ckpt.family} model config")
+    model = family.Model(cfg)
+    load_weights(model, load_state_dict(ckpt.path), source=str(ckpt.path))
+    return model.to(device).eval(), cfg, ckpt
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"weights in {source} do not match the model: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise UserError(f"weights in {source} do not match the model: {k} is {tuple(v.shape)}, "
+                            f"the config says {tuple(own[k].shape)}")
+    model.load_state_dict(state)
+
+
+def read_train_state(path: str | Path) -> dict:
+    f = Path(path) / TRAIN_STATE
+    if not f.is_file():
+        raise UserError(f"checkpoint {path} has no {TRAIN_STATE}: it cannot resume training")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a damaged pickle/zip
+        raise UserError(f"corrupt training state {f}: {str(e).splitlines()[0]}") from None
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DistributedDataParallel / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model

@@ -1,0 +1,73 @@
+"""Text corpora for the token-level families (char GPT-2, sigma-GPT, the Bayesian-flow LM).
+
+  builtin:stdlib   the standard library's .py files decoded as UTF-8, joined in path order (offline, ~30 MB)
+  a file           its UTF-8 text
+  a folder         its files' UTF-8 text, joined in path order
+
+Eval text: for builtin:stdlib and folders, the files whose path hash falls under the eval fraction (the same split
+as the byte families); for a single file, its last eval fraction of characters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bytedeploy.data.files import read_folder, split_records, stdlib_records
+from bytedeploy.errors import UserError
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}") from None
+
+
+def load_text_split(spec: str, eval_fraction: float = 0.05, first_mb: float | None = None) -> tuple[str, str]:
+    """-> (train text, eval text). first_mb keeps only the first N megabytes of the corpus (GPT-burn's option)."""
+    path = Path(spec)
+    if spec == "builtin:stdlib" or (not spec.startswith("builtin:") and path.is_dir()):
+        records = stdlib_records() if spec == "builtin:stdlib" else read_folder(path)
+        if first_mb is not None:
+            records = _first_bytes(records, int(first_mb * 1e6))
+        train, evals = split_records(records, eval_fraction)
+        # stdlib holds a few files that are not UTF-8 (test data); a user's folder must be clean
+        lenient = spec == "builtin:stdlib"
+        return _join(train, lenient), _join(evals, lenient)
+    if spec.startswith("builtin:"):
+        raise UserError(f"no built-in text {spec!r}; use builtin:stdlib, a text file or a folder")
+    if not path.exists():
+        raise UserError(f"data path not found: {spec}")
+    if not path.is_file():
+        raise UserError(f"data path is neither a file nor a folder: {spec}")
+    data = path.read_bytes()
+    if first_mb is not None:
+        data = data[:int(first_mb * 1e6)]
+    text = decode_utf8(data, spec)
+    if not text:
+        raise UserError(f"{spec} is empty")
+    cut = int(len(text) * (1 - eval_fraction))
+    return text[:cut], text[cut:]
+
+
+def _first_bytes(records, limit: int):
+    out, total = [], 0
+    for r in records:
+        if total >= limit:
+            break
+        out.append(r)
+        total += len(r.data)
+    return out
+
+
+def _join(records, lenient: bool) -> str:
+    parts = []
+    for r in records:
+        if lenient:
+            try:
+                parts.append(r.data.decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+        else:
+            parts.append(decode_utf8(r.data, r.name))
+    return "\n".join(parts)

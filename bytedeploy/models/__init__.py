@@ -1,0 +1,1 @@
+"""One model family per file; see bytedeploy.registry for the list."""

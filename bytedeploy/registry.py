@@ -1,0 +1,46 @@
+"""Model families by name.
+
+A family is one module in bytedeploy/models/ that provides:
+  Config                 dataclass of model hyperparameters (JSON-able), with a field per architecture choice
+  PRESETS                {"tiny": {...}, ...} overrides of Config for named sizes ("tiny" runs CPU tests)
+  Model(config)          nn.Module; forward(batch: dict[str, Tensor]) -> (mean loss, number of targets)
+  make_data(config, spec, options) -> TrainData (see bytedeploy.data)
+  generate(model, config, request, backend) -> GenerateResult (see bytedeploy.generation)
+  BACKENDS               the generation backends it implements, "eager-reference" and "eager" at least
+optionally:
+  prepare_config(config, spec, options) -> config   fill data-dependent fields (vocab size) before the model is built
+  LOSS_IS_NLL = False    when the training loss is not a log-likelihood (the CLI then reports plain loss)
+  CLI_ALIASES            {"context": "n_patches", ...} when --context/--d-model/--layers/--heads/--order map elsewhere
+Data options passed to make_data/prepare_config: eval_split, eval_data, conversion, first_mb, tokenizer (a path),
+assets (the checkpoint's assets folder when one exists: load tokenizers from there).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from bytedeploy.errors import UserError
+
+FAMILIES = {
+    "bgpt": "bytedeploy.models.bgpt",
+    "bitnet": "bytedeploy.models.bitnet",
+    "sigma-gpt": "bytedeploy.models.sigma_gpt",
+    "bfn": "bytedeploy.models.bfn",
+    "char-gpt2": "bytedeploy.models.char_gpt2",
+}
+
+
+def family_names() -> list[str]:
+    return list(FAMILIES)
+
+
+def get_family(name: str) -> ModuleType:
+    if name not in FAMILIES:
+        raise UserError(f"unknown model family {name!r}; known: {', '.join(family_names())}")
+    try:
+        return importlib.import_module(FAMILIES[name])
+    except ModuleNotFoundError as e:
+        if e.name != FAMILIES[name]:
+            raise
+        raise UserError(f"model family {name!r} is not available in this build") from None
