@@ -36,7 +36,8 @@ def family_argument():
 
 def sampling_options(f):
     opts = [
-        click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens (0 = off)."),
+        click.option("--top-k", type=int, default=0, show_default=True,
+                     help="Keep the k most likely tokens (0 = off)."),
         click.option("--top-p", type=float, default=1.0, show_default=True,
                      help="Keep the smallest set of tokens whose probability reaches p (1.0 = off)."),
         click.option("--temperature", type=float, default=1.0, show_default=True,
@@ -89,7 +90,8 @@ def arch_overrides(family, **values) -> dict:
               help="A folder of eval files; without it a deterministic --eval-split of --data is held out.")
 @click.option("--eval-split", type=click.FloatRange(0.0, 0.9), default=0.05, show_default=True,
               help="Fraction of --data files held out for eval (chosen by a hash of each path).")
-@click.option("--preset", default="tiny", show_default=True, help="Named model size (tiny runs on a CPU; base is the paper's).")
+@click.option("--preset", default="tiny", show_default=True,
+              help="Named model size (tiny runs on a CPU; base is the paper's).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override one model config field, e.g. --set n_layer=4 (repeatable).")
 @click.option("--context", type=int, default=None, help="Context length (bGPT: patches per file).")
@@ -128,8 +130,8 @@ def arch_overrides(family, **values) -> dict:
 @click.option("--no-save", is_flag=True, help="Train and report, but write no checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(family, data_spec, eval_data, eval_split, preset, sets, context, d_model, layers, heads, task, conversion,
-          order, tokenizer, first_mb, init_ckpt, steps, batch_size, grad_accum, lr, warmup, weight_decay, grad_clip, eval_every,
-          eval_batches, ckpt_every, precision, seed, device, out, resume, force, no_save, no_progress):
+          order, tokenizer, first_mb, init_ckpt, steps, batch_size, grad_accum, lr, warmup, weight_decay, grad_clip,
+          eval_every, eval_batches, ckpt_every, precision, seed, device, out, resume, force, no_save, no_progress):
     """Train a FAMILY model on built-in data or a folder of files, with checkpoints you can resume."""
     import tempfile
 
@@ -234,7 +236,8 @@ def report_eval(fam, data, history) -> None:
 @click.option("-n", "--num-samples", type=int, default=1, show_default=True, help="Samples, generated as one batch.")
 @sampling_options
 @click.option("--backend", default="eager", show_default=True,
-              help="eager-reference (the seed's loop: no KV cache, host sampling) or eager (KV cache, device sampling).")
+              help="eager-reference (the seed's loop: no KV cache, host sampling) or eager "
+                   "(KV cache, device sampling).")
 @device_option
 @click.option("-o", "--out", type=click.Path(), default=None,
               help="Write samples here (a file for one sample, a folder for several) instead of printing them.")

@@ -15,7 +15,7 @@ class CharTokenizer:
     chars: list[str]  # index 0 is the unknown symbol
 
     @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
+    def from_text(cls, text: str) -> CharTokenizer:
         return cls([UNKNOWN] + sorted(set(text) - {UNKNOWN}))
 
     @property
@@ -37,7 +37,7 @@ class CharTokenizer:
         return json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False).encode("utf-8")
 
     @classmethod
-    def from_json(cls, data: bytes, source: str = "tokenizer") -> "CharTokenizer":
+    def from_json(cls, data: bytes, source: str = "tokenizer") -> CharTokenizer:
         try:
             doc = json.loads(data)
             assert doc["type"] == "char" and doc["chars"][0] == UNKNOWN

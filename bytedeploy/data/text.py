@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from bytedeploy.data.files import read_folder, split_records, stdlib_records
 from bytedeploy.errors import UserError
 
@@ -71,3 +73,34 @@ def _join(records, lenient: bool) -> str:
         else:
             parts.append(decode_utf8(r.data, r.name))
     return "\n".join(parts)
+
+
+class TokenWindows:
+    """Token-id streams cut into windows of block_size + 1 (inputs and shifted targets) for next-token training."""
+
+    def __init__(self, train_ids, eval_ids, block_size: int, unit: str = "token"):
+        self.train = np.asarray(train_ids, dtype=np.int64)
+        self.evals = np.asarray(eval_ids, dtype=np.int64)
+        self.block_size, self.unit = block_size, unit
+        for name, ids in (("train", self.train), ("eval", self.evals)):
+            if len(ids) < block_size + 1:
+                raise UserError(f"the {name} text has {len(ids)} tokens; the context needs {block_size + 1}")
+
+    def describe(self) -> str:
+        return f"{len(self.train):,} train / {len(self.evals):,} eval {self.unit}s"
+
+    def train_batch(self, rng, batch_size: int):
+        starts = rng.integers(0, len(self.train) - self.block_size, size=batch_size)
+        return self._windows(self.train, starts)
+
+    def eval_batches(self, batch_size: int, max_batches: int):
+        n = batch_size * max_batches
+        starts = np.linspace(0, len(self.evals) - self.block_size - 1, num=n).astype(np.int64)
+        for i in range(0, n, batch_size):
+            yield self._windows(self.evals, starts[i:i + batch_size])
+
+    def _windows(self, ids, starts):
+        import torch
+
+        rows = torch.from_numpy(ids[starts[:, None] + np.arange(self.block_size + 1)[None]])
+        return {"idx": rows[:, :-1].contiguous(), "targets": rows[:, 1:].contiguous()}

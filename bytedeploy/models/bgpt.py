@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bytedeploy.data.files import (FileRecord, conversion_pairs, label_of, load_records, read_folder,
-                                   split_records)
+from bytedeploy.data.files import FileRecord, conversion_pairs, label_of, load_records, read_folder, split_records
 from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig, init_gpt2_weights
