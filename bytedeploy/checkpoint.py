@@ -50,7 +50,9 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, family: str, model_config, meta: dict | None = None,
                     train_state: dict | None = None, assets: dict[str, Path | bytes] | None = None) -> Path:
-    path = Path(path)
+    """Write a checkpoint folder at path, replacing an earlier checkpoint there (never any other folder)."""
+    path = Path(path).absolute()
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -62,8 +64,10 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, family: str, model
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
         for name, src in (assets or {}).items():
-            (tmp / ASSETS).mkdir(exist_ok=True)
             dst = tmp / ASSETS / name
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"asset name {name!r} must be a relative path inside the assets folder")
+            dst.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(src, bytes):
                 dst.write_bytes(src)
             else:
@@ -72,6 +76,13 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, family: str, model
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def check_replaceable(path: str | Path) -> None:
+    """UserError unless a save may write path: nothing there, an empty folder, or an earlier checkpoint."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CONFIG).is_file())):
+        raise UserError(f"{path} exists and is not a bytedeploy checkpoint; refusing to replace it")
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -86,11 +97,17 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _replace_dir(new: Path, dst: Path) -> None:
+    """Swap the finished folder in; if that fails, the old checkpoint goes back where it was."""
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
-    os.replace(new, dst)
+    try:
+        os.replace(new, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -99,7 +116,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read config.json; one-line UserError for anything that is not a bytedeploy checkpoint."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
+        left = sorted(path.parent.glob(f".{path.name}.old-*")) if path.name else []
+        hint = f" (a save was cut off: {left[-1].name} beside it holds the previous one)" if left else ""
+        raise UserError(f"checkpoint not found: {path}{hint}")
     if not path.is_dir() or not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise UserError(f"not a bytedeploy checkpoint (a folder with {CONFIG} and {WEIGHTS}): {path}")
     try:
@@ -111,8 +130,14 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if doc.get("format_version") != FORMAT_VERSION:
         raise UserError(f"checkpoint format version {doc.get('format_version')} is not supported "
                         f"(this bytedeploy reads version {FORMAT_VERSION}): {path}")
-    get_family(doc.get("family", "?"))
-    return Checkpoint(path, doc["family"], doc.get("model_config", {}), doc.get("meta", {}))
+    family = doc.get("family")
+    if not isinstance(family, str):
+        raise UserError(f"corrupt checkpoint config {path / CONFIG}: no model family")
+    get_family(family)
+    model_config, meta = doc.get("model_config", {}), doc.get("meta", {})
+    if not isinstance(model_config, dict) or not isinstance(meta, dict):
+        raise UserError(f"corrupt checkpoint config {path / CONFIG}: model_config and meta must be objects")
+    return Checkpoint(path, family, model_config, meta)
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -147,13 +172,20 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
 
 def read_train_state(path: str | Path) -> dict:
+    """train_state.pt -> {"optimizer", "step", "rng" (one state per rank), "history"}."""
     f = Path(path) / TRAIN_STATE
     if not f.is_file():
         raise UserError(f"checkpoint {path} has no {TRAIN_STATE}: it cannot resume training")
     try:
-        return torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for a damaged pickle/zip
+        state = torch.load(f, map_location="cpu", weights_only=True)  # tensors and plain data: runs no code
+    except Exception as e:  # torch raises many types for a damaged or unsafe pickle/zip
         raise UserError(f"corrupt training state {f}: {str(e).splitlines()[0]}") from None
+    keys = ("optimizer", "step", "rng", "history")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise UserError(f"corrupt training state {f}: expected the keys {', '.join(keys)}")
+    if isinstance(state["rng"], dict):  # written by one process before per-rank states
+        state["rng"] = [state["rng"]]
+    return state
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

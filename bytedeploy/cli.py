@@ -11,7 +11,7 @@ import click
 
 from bytedeploy.config import config_from_dict, config_to_dict, parse_overrides
 from bytedeploy.errors import UserError
-from bytedeploy.registry import family_names, get_family
+from bytedeploy.registry import get_family
 
 
 class CLIGroup(click.Group):
@@ -30,8 +30,13 @@ def cli():
     """Train, sample and deploy new kinds of small language models (bGPT, BitNet, sigma-GPT, BFN, char GPT-2)."""
 
 
+def check_family(ctx, param, name: str) -> str:
+    get_family(name)  # an unknown name is a UserError: one line, like every other bad input
+    return name
+
+
 def family_argument():
-    return click.argument("family", type=click.Choice(family_names()), metavar="FAMILY")
+    return click.argument("family", metavar="FAMILY", callback=check_family)
 
 
 def sampling_options(f):
@@ -135,7 +140,7 @@ def train(family, data_spec, eval_data, eval_split, preset, sets, context, d_mod
     """Train a FAMILY model on built-in data or a folder of files, with checkpoints you can resume."""
     import tempfile
 
-    from bytedeploy.checkpoint import load_model, read_checkpoint, read_train_state
+    from bytedeploy.checkpoint import check_replaceable, load_model, read_checkpoint, read_train_state
     from bytedeploy.training import TrainConfig, init_distributed, resolve_device
     from bytedeploy.training import train as run_training
 
@@ -159,6 +164,8 @@ def train(family, data_spec, eval_data, eval_split, preset, sets, context, d_mod
     else:
         if out.exists() and any(out.iterdir()) and not (force or no_save):
             raise UserError(f"{out} already exists; use --resume to continue it or --force to overwrite it")
+        if not no_save:
+            check_replaceable(out)  # --force replaces checkpoints only: say so now, not after loading the data
         overrides = arch_overrides(fam, context=context, d_model=d_model, layers=layers, heads=heads, order=order)
         overrides.update(parse_overrides(sets, fam.Config))
         if task != "generate":
@@ -323,9 +330,13 @@ def eval_cmd(checkpoint, data_spec, eval_split, batches, batch_size, device):
     model, cfg, ckpt = load_model(checkpoint, dev)
     fam = get_family(ckpt.family)
     options = dict(ckpt.meta.get("data_options", {}), assets=str(ckpt.assets))
+    if data_spec:
+        options.pop("eval_data", None)  # --data replaces the run's data, its --eval-data folder included
     if eval_split is not None:
         options["eval_split"] = eval_split
     spec = data_spec or ckpt.meta.get("data", "builtin:stdlib")
+    if eval_split == 1.0:
+        options["eval_data"] = spec  # all of it held out: a split would leave no training part and refuse
     data = fam.make_data(cfg, spec, options)
     tcfg = TrainConfig(eval_batches=batches, eval_batch_size=batch_size, precision="auto")
     loss = evaluate(model, data, tcfg, dev)

@@ -21,7 +21,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bytedeploy.data.files import FileRecord, conversion_pairs, label_of, load_records, read_folder, split_records
+from bytedeploy.data.files import (
+    FileRecord,
+    conversion_pairs,
+    in_eval_split,
+    label_of,
+    load_records,
+    read_folder,
+    split_records,
+)
 from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig, init_gpt2_weights
@@ -31,6 +39,7 @@ SPECIAL = 256  # pad, BOS filler and EOS
 N_SYMBOLS = 257
 BACKENDS = ("eager-reference", "eager")
 UNIT = "byte"
+CLI_ALIASES = {"context": "n_patches"}  # --context counts patches per file, BOS and EOS included
 
 
 @dataclass
@@ -48,6 +57,9 @@ class Config:
     labels: tuple = ()  # class names, for task == "classify"
 
     def __post_init__(self):
+        if self.patch_size < 1 or self.n_patches < 3:
+            raise ValueError(f"need patch_size >= 1 and n_patches >= 3 (BOS, content, EOS), "
+                             f"got {self.patch_size} and {self.n_patches}")
         if self.task not in ("generate", "classify"):
             raise ValueError(f"task must be 'generate' or 'classify', got {self.task!r}")
         if self.task == "classify" and len(self.labels) < 2:
@@ -226,6 +238,9 @@ class PatchData:
 def make_data(cfg: Config, spec: str, options: dict) -> PatchData:
     """options: eval_split (0.05), eval_data (a folder), conversion ('abc->mid' / 'wav&mp3')."""
     records = load_records(spec)
+    conversion = options.get("conversion")
+    if conversion and cfg.task == "generate":
+        return conversion_data(cfg, records, options, conversion)
     if options.get("eval_data"):
         train, evals = records, read_folder_records(options["eval_data"])
     else:
@@ -237,17 +252,39 @@ def make_data(cfg: Config, spec: str, options: dict) -> PatchData:
             raise UserError(f"files carry labels the model does not know: {unknown[:5]}")
         enc = [encode_file(r.data, r.ext, cfg, truncate=True) for r in train]
         ev = [encode_file(r.data, r.ext, cfg, truncate=True) for r in evals]
-        return PatchData(enc, ev, cfg, [index[label_of(r)] for r in train], [index[label_of(r)] for r in evals])
-    conversion = options.get("conversion")
-    if conversion:
-        enc = [encode_pair(a, b, cfg) for a, b in conversion_pairs(train, conversion)]
-        ev = [encode_pair(a, b, cfg) for a, b in conversion_pairs(evals, conversion)]
-        return PatchData(enc, ev, cfg, note=f" as {len(enc)} / {len(ev)} conversion pairs ({conversion})")
+        data = PatchData(enc, ev, cfg, [index[label_of(r)] for r in train], [index[label_of(r)] for r in evals])
+        data.unit = "file"  # the loss is one cross-entropy per file: report bits per file, not per byte
+        return data
     too_long = sum(len(r.data) > cfg.max_bytes for r in train + evals)
     enc = [encode_file(r.data, r.ext, cfg, truncate=True) for r in train]
     ev = [encode_file(r.data, r.ext, cfg, truncate=True) for r in evals]
     note = f" ({too_long} longer than {cfg.max_bytes} bytes, truncated as in the seed)" if too_long else ""
     return PatchData(enc, ev, cfg, note=note)
+
+
+def conversion_data(cfg: Config, records: list[FileRecord], options: dict, conversion: str) -> PatchData:
+    """Pair the files first, then split the pairs by their shared name, so that a pair's two files never land on
+    different sides of the train/eval split (a per-file split would lose those pairs)."""
+    pairs = conversion_pairs(records, conversion)
+    if options.get("eval_data"):
+        train, evals = pairs, conversion_pairs(read_folder_records(options["eval_data"]), conversion)
+    else:
+        train, evals = split_pairs(pairs, options.get("eval_split", 0.05))
+    enc = [encode_pair(a, b, cfg) for a, b in train]
+    ev = [encode_pair(a, b, cfg) for a, b in evals]
+    return PatchData(enc, ev, cfg, note=f" as {len(enc)} / {len(ev)} conversion pairs ({conversion})")
+
+
+def split_pairs(pairs: list[tuple[FileRecord, FileRecord]], eval_fraction: float):
+    """The deterministic split of bytedeploy.data.files, keyed on a pair's shared path without extension."""
+    evals = [p for p in pairs if in_eval_split(p[0].stem, eval_fraction)]
+    train = [p for p in pairs if not in_eval_split(p[0].stem, eval_fraction)]
+    if not evals and eval_fraction > 0:  # tiny folders: hold out the pairs of one name
+        stem = train[-1][0].stem
+        evals, train = [p for p in train if p[0].stem == stem], [p for p in train if p[0].stem != stem]
+    if not train:
+        raise UserError("every conversion pair fell into the eval split; lower --eval-split or add files")
+    return train, evals
 
 
 def read_folder_records(path: str) -> list[FileRecord]:
@@ -448,9 +485,12 @@ def config_from_official(official: dict[str, torch.Tensor], n_head: int = 12, by
         raise UserError(f"not an official bGPT checkpoint: no {e.args[0]}") from None
     def count(prefix):
         return len({k.split(".")[len(prefix.split(".")) - 1] for k in official if k.startswith(prefix)})
-    return Config(patch_size=flat // N_SYMBOLS, n_patches=n_patches, n_embd=C,
-                  n_layer=count("patch_level_decoder.base.h."), n_head=n_head,
-                  byte_n_layer=count("byte_level_decoder.base.transformer.h."), byte_n_head=byte_n_head)
+    try:
+        return Config(patch_size=flat // N_SYMBOLS, n_patches=n_patches, n_embd=C,
+                      n_layer=count("patch_level_decoder.base.h."), n_head=n_head,
+                      byte_n_layer=count("byte_level_decoder.base.transformer.h."), byte_n_head=byte_n_head)
+    except ValueError as e:
+        raise UserError(f"cannot import these weights: {e}") from None
 
 
 def load_official(path: str, n_head: int = 12, byte_n_head: int = 12) -> tuple[Model, Config]:

@@ -1,0 +1,6 @@
+"""`python -m bytedeploy ...` runs the command line, like the `bytedeploy` script."""
+
+from bytedeploy.cli import main
+
+if __name__ == "__main__":
+    main()

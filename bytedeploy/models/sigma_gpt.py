@@ -1,0 +1,414 @@
+"""σ-GPT (arXiv 2404.09562): a character-level nanoGPT trained in random orders, with burst sampling.
+
+Model: nanoGPT blocks (our GPT2Stack) with one change, the double positional encoding. The learned position table
+(as in the official text code: nanoGPT's wpe at half width) has width n_embd/2; token i of a sequence read in
+order ``order`` receives concat(pos(order[i]), pos(order[i+1])): where it is and where the next target is. With
+the identity order this is a plain GPT whose position table is concat(pos(i), pos(i+1)).
+
+Training (as the official text code, ``train.py`` + ``order.apply_order``): a window of block_size + 1 characters
+(positions 0..block_size, so the table has block_size + 1 rows) and a permutation ``order`` of its positions, fresh
+per sequence ("shuffle") or the identity ("left-to-right"); the inputs are x[order[:-1]] (block_size tokens), the
+targets x[order[1:]], the loss the mean next-token cross-entropy along the order. The first token of an order is
+never predicted: generation always starts from at least one known character (an empty prompt starts from "\\n",
+which is not part of the output). Eval uses a fixed seed for its orders, so eval loss is repeatable and does not
+touch the training RNG stream.
+
+Sampling backends (the prompt sits at positions 0..P-1, new characters fill P..P+n_new-1 <= block_size):
+  eager-reference  the seed's ``generate``: no KV cache, the whole known sequence re-run per character in the
+                   chosen order, probabilities to the host, numpy sampling (``sample_host``).
+  eager            the same order with a KV cache: each step appends the last token, whose "next position" is the
+                   position to generate. ``options["order"]``: "left-to-right" (default) or "random" (seeded).
+  burst            token-based rejection sampling. With the known tokens in the cache except the last one, query
+                   the last token once per remaining position r (positions [pos(last), pos(r)]; each query sees the
+                   cache and itself only) and sample a proposal x_r ~ p_r for every r in one pass. Score the
+                   proposals under N = ``options["n_orders"]`` (default 4) random orders of the remaining positions
+                   in one pass (teacher-forced along each order; queries see the cache and the preceding proposals
+                   of their order), giving q. Along each order accept proposals while u_r < q/p (u_r per position,
+                   shared by the orders as in the official code); keep the order with the longest accepted run, write
+                   its entries to the cache and repeat with the rest. Temperature/top-k/top-p shape p and q alike.
+
+Why at least one token is accepted per pass: the first query of every scoring order is the last known token with
+next position = the order's first position, seeing exactly the cache: the same computation as that position's
+proposal query, so q == p and the acceptance ratio is 1 (we accept it without comparing, which also removes
+rounding noise from the two passes).
+
+Where we differ from the paper and its code, and why:
+- A rejected proposal is resampled from the residual norm(max(0, q - p)) and taken as one more token (the rule of
+  speculative sampling, Leviathan et al. / Chen et al. 2023, from which the acceptance test u < q/p comes). The
+  official code discards it. Discarding is biased: a proposal survives with probability min(p, q) and otherwise
+  its position is drawn later, so the values taken are not the model's conditionals q (a chi-square test against
+  enumeration detects it on small random models). With the residual and n_orders=1, burst sampling draws exactly
+  from random-order autoregressive sampling (a uniform random order of the remaining positions, each character
+  drawn from the model's conditional), which tests/test_sigma_gpt.py checks by enumeration and a chi-square test.
+  ``options["resample_rejected"] = False`` gives the official behaviour.
+- Keeping the longest run among N > 1 orders (the paper's speed-up) is not exact: the choice depends on the sampled
+  values and favours proposals that look mutually consistent. It is the default (N=4) and close to exact when the
+  model is confident; use n_orders=1 for exact samples.
+- A batch of samples advances together: each iteration keeps the same number of new tokens for every row (the
+  smallest row's count, as the official code's min over the batch), so the rows share one cache length. Cutting a
+  row's run at a point set by the other rows keeps its samples exact.
+- ``GenerateResult.passes`` counts model passes per sequence summed over the batch (a batched pass counts once per
+  row), so the CLI's passes per character compares across batch sizes: eager makes one pass per character; burst
+  one prompt pass (when the prompt has more than one character) and then two passes per iteration (one when a
+  single position is left).
+- Corpus: char tokens from ``load_text_split``; builtin:stdlib defaults to its first 2 MB (the whole library is
+  ~30 MB, which makes the tokenizer and token stream slow to build for a character model); --first-mb overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bytedeploy.data.text import TokenWindows, load_text_split
+from bytedeploy.errors import UserError
+from bytedeploy.generation import GenerateRequest, GenerateResult
+from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig, init_gpt2_weights
+from bytedeploy.sampling import SamplingConfig, make_generator, probabilities, sample, sample_host
+from bytedeploy.tokenizers import CharTokenizer
+
+BACKENDS = ("eager-reference", "eager", "burst")
+UNIT = "char"
+TOKENIZER_FILE = "tokenizer.json"
+BUILTIN_DEFAULT_MB = 2.0
+START_TEXT = "\n"  # the known first character of an unprompted sample
+EVAL_ORDER_SEED = 0
+
+
+@dataclass
+class Config:
+    vocab_size: int = 0  # set from the corpus's characters by prepare_config
+    block_size: int = 256  # tokens the model reads; a training window holds block_size + 1
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.2
+    order: str = "shuffle"  # training order: "shuffle" (a fresh permutation per sequence) or "left-to-right"
+
+    def __post_init__(self):
+        if self.order not in ("shuffle", "left-to-right"):
+            raise ValueError(f"order must be 'shuffle' or 'left-to-right', got {self.order!r}")
+        if self.n_embd % self.n_head or self.n_embd % 2:
+            raise ValueError(f"n_embd {self.n_embd} must be even and divide by n_head {self.n_head}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+PRESETS = {
+    "tiny": dict(block_size=64, n_layer=2, n_head=4, n_embd=64, dropout=0.0),
+    "small": dict(),  # nanoGPT's shakespeare_char config, the paper's text setting
+}
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("vocab_size must be set (prepare_config reads it from the corpus)")
+        self.cfg = cfg
+        C = cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, C)
+        self.transformer = GPT2Stack(GPT2StackConfig(cfg.n_layer, cfg.n_head, C, cfg.block_size + 1, cfg.dropout))
+        # the one architectural change: a half-width position table, read twice per token (see double_positions)
+        self.transformer.wpe = nn.Embedding(cfg.block_size + 1, C // 2)
+        self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in nanoGPT
+        init_gpt2_weights(self, cfg.n_layer)
+
+    def double_positions(self, here: torch.Tensor, following: torch.Tensor) -> torch.Tensor:
+        """(B, T) positions of the tokens and of their next targets -> (B, T, n_embd) position embeddings."""
+        wpe = self.transformer.wpe
+        return torch.cat([wpe(here), wpe(following)], -1)
+
+    def logits(self, tokens: torch.Tensor, here: torch.Tensor, following: torch.Tensor, caches=None, start: int = 0,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) at positions here (B, T), each predicting the token at position following -> (B, T, V).
+        With caches the T entries are written at slots [start, start+T) (slots are generation steps, not
+        positions); attn_mask (T, start+T) overrides the causal mask."""
+        pos = self.double_positions(here, following)
+        h = self.transformer(self.wte(tokens), caches, start, attn_mask, pos_emb=pos)
+        return self.lm_head(h)
+
+    def sequence_logits(self, window: torch.Tensor, order: torch.Tensor):
+        """window (B, L) by position, order (B, L) a permutation per row -> (logits (B, L-1, V), targets (B, L-1))."""
+        seq = window.gather(1, order)
+        return self.logits(seq[:, :-1], order[:, :-1], order[:, 1:]), seq[:, 1:]
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        """batch from TokenWindows (+ optional "order" (B, block_size+1)) -> (mean cross-entropy, targets)."""
+        window = torch.cat([batch["idx"], batch["targets"][:, -1:]], 1)
+        order = batch.get("order")
+        if order is None:
+            order = self.draw_orders(*window.shape, window.device)
+        logits, targets = self.sequence_logits(window, order)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return loss, targets.numel()
+
+    def draw_orders(self, batch_size: int, length: int, device) -> torch.Tensor:
+        if self.cfg.order == "left-to-right":
+            return torch.arange(length, device=device).expand(batch_size, -1)
+        gen = None if self.training else make_generator(EVAL_ORDER_SEED, device)
+        return torch.rand(batch_size, length, device=device, generator=gen).argsort(-1)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@functools.lru_cache(maxsize=4)
+def load_corpus(spec: str, eval_fraction: float, first_mb: float | None) -> tuple[str, str]:
+    """(train text, eval text); cached because prepare_config and make_data both read it."""
+    if first_mb is None and spec == "builtin:stdlib":
+        first_mb = BUILTIN_DEFAULT_MB
+    if first_mb is not None and first_mb <= 0:
+        raise UserError(f"--first-mb must be > 0, got {first_mb}")
+    train, evals = load_text_split(spec, eval_fraction, first_mb)
+    if not train:
+        raise UserError(f"no training text in {spec}")
+    return train, evals
+
+
+def corpus(spec: str, options: dict) -> tuple[str, str]:
+    first_mb = options.get("first_mb")
+    if options.get("eval_data"):
+        return load_corpus(spec, 0.0, first_mb)[0], load_corpus(options["eval_data"], 0.0, first_mb)[0]
+    return load_corpus(spec, options.get("eval_split", 0.05), first_mb)
+
+
+def load_tokenizer(options: dict) -> CharTokenizer | None:
+    """The checkpoint's tokenizer (options["assets"]), or None before there is a checkpoint."""
+    if options.get("tokenizer"):
+        raise UserError("--tokenizer does not apply to sigma-gpt: it builds a character tokenizer from the data")
+    if not options.get("assets"):
+        return None
+    path = Path(options["assets"]) / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    return CharTokenizer.from_json(path.read_bytes(), str(path))
+
+
+def tokenizer_for(spec: str, options: dict) -> CharTokenizer:
+    return load_tokenizer(options) or CharTokenizer.from_text(corpus(spec, options)[0])
+
+
+def prepare_config(cfg: Config, spec: str, options: dict) -> Config:
+    return dataclasses.replace(cfg, vocab_size=tokenizer_for(spec, options).vocab_size)
+
+
+def make_data(cfg: Config, spec: str, options: dict) -> TokenWindows:
+    """options: eval_split, eval_data, first_mb, assets (a checkpoint's tokenizer.json)."""
+    tokenizer = tokenizer_for(spec, options)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"the data has {tokenizer.vocab_size} symbols; the model knows {cfg.vocab_size}")
+    train, evals = corpus(spec, options)
+    data = TokenWindows(tokenizer.encode(train), tokenizer.encode(evals), cfg.block_size, unit=UNIT)
+    data.assets = {TOKENIZER_FILE: tokenizer.to_json()}
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+def generation_orders(n_prompt: int, n_new: int, batch_size: int, mode: str, seed: int) -> np.ndarray:
+    """(batch_size, n_prompt + n_new) generation orders: the prompt left to right, then the new positions
+    left to right or in a random order per row (seeded, the same for every backend)."""
+    new = np.arange(n_prompt, n_prompt + n_new)
+    if mode == "left-to-right":
+        rows = [new] * batch_size
+    elif mode == "random":
+        rng = np.random.default_rng([seed, 1])
+        rows = [rng.permutation(new) for _ in range(batch_size)]
+    else:
+        raise UserError(f"unknown generation order {mode!r}; use 'left-to-right' or 'random'")
+    return np.stack([np.concatenate([np.arange(n_prompt), r]) for r in rows])
+
+
+@torch.no_grad()
+def sample_reference(model: Model, prompt: list[int], order: np.ndarray, sampling: SamplingConfig,
+                     rng: np.random.Generator) -> list[int]:
+    """The seed's loop: for each new position the whole known sequence is re-run in generation order (no cache);
+    probabilities go to the host and numpy samples. -> tokens by position."""
+    device = next(model.parameters()).device
+    known = list(prompt) + [0] * (len(order) - len(prompt))
+    for i in range(len(prompt), len(order)):
+        tokens = torch.tensor([[known[j] for j in order[:i]]], device=device)
+        here = torch.tensor(order[None, :i], device=device)
+        following = torch.tensor(order[None, 1:i + 1], device=device)
+        logits = model.logits(tokens, here, following)[0, -1]
+        probs = torch.softmax(logits.float(), -1).cpu().numpy()
+        known[order[i]] = sample_host(probs, sampling, rng)
+    return known
+
+
+@torch.no_grad()
+def sample_cached(model: Model, prompt: list[int], orders: torch.Tensor, sampling: SamplingConfig,
+                  gen: torch.Generator) -> torch.Tensor:
+    """Autoregressive sampling in the given orders (B, L) with a KV cache: the prompt goes in with the first step,
+    then each step appends the last token with the position to generate next. -> (B, L) tokens by position."""
+    B, L = orders.shape
+    P = len(prompt)
+    caches = model.transformer.make_caches(B, L)
+    seq = torch.zeros(B, L, dtype=torch.long, device=orders.device)
+    seq[:, :P] = torch.tensor(prompt, device=orders.device)
+    tokens, start = seq[:, :P], 0
+    for i in range(P, L):
+        T = tokens.size(1)  # the prompt at the first step, then the last token
+        logits = model.logits(tokens, orders[:, i - T:i], orders[:, i - T + 1:i + 1], caches, start)[:, -1]
+        token = sample(logits, sampling, gen)
+        seq.scatter_(1, orders[:, i:i + 1], token[:, None])
+        start += T
+        tokens = token[:, None]
+    return seq
+
+
+@torch.no_grad()
+def sample_burst(model: Model, prompt: list[int], n_new: int, batch_size: int, sampling: SamplingConfig,
+                 gen: torch.Generator, n_orders: int = 4, resample_rejected: bool = True):
+    """Token-based rejection sampling (module docstring).
+
+    -> ((B, P + n_new) tokens by position, (B, P + n_new) the order positions were generated in, batched passes)."""
+    device = next(model.parameters()).device
+    B, N, P = batch_size, n_orders, len(prompt)
+    L = P + n_new
+    rows = torch.arange(B, device=device)
+    caches = model.transformer.make_caches(N * B, L)  # one copy per scoring order; row j*B + b = order j, sample b
+    seq = torch.zeros(B, L, dtype=torch.long, device=device)
+    seq[:, :P] = torch.tensor(prompt, device=device)
+    passes, n_cached = 0, P - 1
+    if n_cached:
+        pos = torch.arange(P, device=device).expand(N * B, -1)
+        model.logits(seq[:1, :P - 1].expand(N * B, -1), pos[:, :-1], pos[:, 1:], caches, 0)
+        passes += 1
+    last, last_pos = seq[:, P - 1], torch.full((B,), P - 1, device=device)
+    remaining = torch.arange(P, L, device=device).expand(B, -1)
+    generated_at = [torch.arange(P, device=device).expand(B, -1)]
+    while remaining.size(1):
+        R = remaining.size(1)
+        # 1. propose: the last token queried once per remaining position, each query seeing the cache and itself
+        mask = torch.cat([torch.ones(R, n_cached, dtype=torch.bool, device=device),
+                          torch.eye(R, dtype=torch.bool, device=device)], 1)
+        logits = model.logits(last[:, None].expand(B, R), last_pos[:, None].expand(B, R), remaining, caches,
+                              n_cached, mask)
+        passes += 1
+        proposals = sample(logits, sampling, gen)  # (B, R)
+        if R == 1:  # one position left: its proposal is an exact draw
+            seq.scatter_(1, remaining, proposals)
+            generated_at.append(remaining)
+            break
+        p_dist = probabilities(logits, sampling)  # (B, R, V)
+        p = p_dist.gather(2, proposals[..., None])[..., 0]
+        # 2. score: N random orders of the remaining positions, teacher-forced over the proposals, one pass
+        perms = torch.rand(N, B, R, device=device, generator=gen).argsort(-1)
+        pos_in_order = remaining.expand(N, B, R).gather(2, perms)
+        tok_in_order = proposals.expand(N, B, R).gather(2, perms)
+        inputs = torch.cat([last.expand(N, B)[..., None], tok_in_order[..., :-1]], 2)
+        here = torch.cat([last_pos.expand(N, B)[..., None], pos_in_order[..., :-1]], 2)
+        scores = model.logits(inputs.reshape(N * B, R), here.reshape(N * B, R), pos_in_order.reshape(N * B, R),
+                              caches, n_cached)
+        passes += 1
+        q_dist = probabilities(scores, sampling).view(N, B, R, -1)
+        q = q_dist.gather(3, tok_in_order[..., None])[..., 0]
+        # 3. accept along each order while u < q/p; the first token of an order has q == p (module docstring)
+        u = torch.rand(B, R, device=device, generator=gen)
+        accept = u.expand(N, B, R).gather(2, perms) < q / p.expand(N, B, R).gather(2, perms)
+        accept[..., 0] = True
+        run = accept.long().cumprod(2).sum(2)  # (N, B) accepted prefix lengths
+        best = run.argmax(0)
+        n_accepted = run[best, rows]
+        order_pos, order_tok = pos_in_order[best, rows], tok_in_order[best, rows]  # (B, R) along the kept order
+        n_taken = n_accepted + (n_accepted < R).long() if resample_rejected else n_accepted
+        m = int(n_taken.min())
+        if resample_rejected:
+            # a rejected proposal is redrawn from norm(max(0, q - p)); rows cut shorter than their run keep theirs
+            at = n_accepted.clamp(max=R - 1)
+            q_rej = q_dist[best, rows, at]
+            p_rej = p_dist[rows, perms[best, rows, at]]
+            residual = (q_rej - p_rej).clamp(min=0)
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, q_rej)
+            redrawn = sample(residual.log(), SamplingConfig(), gen)
+            use = (n_accepted == m - 1)[:, None] & (torch.arange(R, device=device) == at[:, None])
+            order_tok = torch.where(use, redrawn[:, None], order_tok)
+        seq.scatter_(1, order_pos[:, :m], order_tok[:, :m])
+        generated_at.append(order_pos[:, :m])
+        # 4. the kept order's first m scoring entries are the cache of the taken tokens: copy them to every order
+        keep_order_entries(caches, best, n_cached, m, N, B)
+        n_cached += m
+        last, last_pos, remaining = order_tok[:, m - 1], order_pos[:, m - 1], order_pos[:, m:]
+    return seq, torch.cat(generated_at, 1), passes
+
+
+def keep_order_entries(caches, best: torch.Tensor, start: int, m: int, n_orders: int, batch_size: int) -> None:
+    """Copy cache slots [start, start+m) of order best[b] into every order's copy of sample b."""
+    rows = torch.arange(batch_size, device=best.device)
+    for cache in caches:
+        for buf in (cache.k, cache.v):
+            view = buf[:n_orders * batch_size].view(n_orders, batch_size, *buf.shape[1:])
+            view[:, :, :, start:start + m] = view[best, rows, :, start:start + m]
+
+
+def plan_prompt(cfg: Config, tokenizer: CharTokenizer, request: GenerateRequest) -> tuple[list[int], int]:
+    """-> (prompt ids cropped to fit, new characters). All of it lives in one context of block_size + 1."""
+    try:
+        text = request.prompt.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt is not valid UTF-8: byte 0x{request.prompt[e.start]:02x} at offset {e.start}") \
+            from None
+    ids = tokenizer.encode(text or START_TEXT)
+    context = cfg.block_size + 1
+    n_new = request.max_new or max(context - len(ids), context // 2)
+    if n_new > cfg.block_size:
+        raise UserError(f"sigma-gpt samples inside one context: at most {cfg.block_size} new characters "
+                        f"(--max-new), asked for {n_new}")
+    return ids[-(context - n_new):], n_new
+
+
+def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str = "eager") -> GenerateResult:
+    """options: assets (the tokenizer), order ("left-to-right"/"random", eager backends), n_orders (burst, 4),
+    resample_rejected (burst, True)."""
+    if backend not in BACKENDS:
+        raise UserError(f"sigma-gpt has no backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    tokenizer = load_tokenizer({"assets": request.options.get("assets")})
+    if tokenizer is None:
+        raise UserError("sigma-gpt generation needs the checkpoint's tokenizer (assets/tokenizer.json)")
+    prompt, n_new = plan_prompt(cfg, tokenizer, request)
+    P, B, sampling = len(prompt), request.batch_size, request.sampling
+    opts = request.options
+    device = next(model.parameters()).device
+    sync(device)
+    t0 = time.perf_counter()
+    if backend == "burst":
+        n_orders = int(opts.get("n_orders", 4))
+        if n_orders < 1:
+            raise UserError(f"n_orders must be >= 1, got {n_orders}")
+        gen = make_generator(sampling.seed, device)
+        resample = bool(opts.get("resample_rejected", True))
+        seq, _, passes = sample_burst(model, prompt, n_new, B, sampling, gen, n_orders, resample)
+        rows = seq[:, P:].cpu().tolist()
+    else:
+        orders = generation_orders(P, n_new, B, opts.get("order", "left-to-right"), sampling.seed)
+        passes = n_new
+        if backend == "eager-reference":
+            rng = np.random.default_rng(sampling.seed)
+            rows = [sample_reference(model, prompt, o, sampling, rng)[P:] for o in orders]
+        else:
+            gen = make_generator(sampling.seed, device)
+            rows = sample_cached(model, prompt, torch.tensor(orders, device=device), sampling, gen)[:, P:].tolist()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    outputs = [tokenizer.decode(r).encode("utf-8") for r in rows]
+    return GenerateResult(outputs, n_new * B, seconds, UNIT, passes=passes * B)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
