@@ -243,15 +243,17 @@ def report_eval(fam, data, history) -> None:
 @click.option("-n", "--num-samples", type=int, default=1, show_default=True, help="Samples, generated as one batch.")
 @sampling_options
 @click.option("--backend", default="eager", show_default=True,
-              help="eager-reference (the seed's loop: no KV cache, host sampling) or eager "
-                   "(KV cache, device sampling).")
+              help="For a checkpoint: eager-reference (the seed's loop: no KV cache, host sampling), eager "
+                   "(KV cache, device sampling), burst (sigma-GPT). For an exported bundle: ort (ONNX Runtime, "
+                   "CPU), ort-cuda (onnxruntime-gpu) or trt (built TensorRT engines).")
 @device_option
 @click.option("-o", "--out", type=click.Path(), default=None,
               help="Write samples here (a file for one sample, a folder for several) instead of printing them.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def generate(checkpoint, prompt, prompt_file, ext, input_path, target_ext, max_new, num_samples, top_k, top_p,
              temperature, seed, backend, device, out, force):
-    """Sample from a trained CHECKPOINT; prints the samples (or writes them with -o) and the speed."""
+    """Sample from a trained CHECKPOINT or an exported bundle; prints the samples (or writes them with -o) and the
+    speed."""
     from bytedeploy.checkpoint import load_model
     from bytedeploy.generation import GenerateRequest
     from bytedeploy.sampling import SamplingConfig
@@ -268,18 +270,33 @@ def generate(checkpoint, prompt, prompt_file, ext, input_path, target_ext, max_n
         if not Path(prompt_file).is_file():
             raise UserError(f"prompt file not found: {prompt_file}")
         prompt_bytes = Path(prompt_file).read_bytes()
-    model, cfg, ckpt = load_model(checkpoint, resolve_device(device))
-    fam = get_family(ckpt.family)
-    if backend not in fam.BACKENDS:
-        raise UserError(f"{ckpt.family} has no backend {backend!r}; available: {', '.join(fam.BACKENDS)}")
-    options = {"input": input_path, "target_ext": target_ext, "assets": str(ckpt.assets)}
+    if (Path(checkpoint) / "bundle.json").is_file():
+        from bytedeploy.exporters.bundle import load_bundle
+        from bytedeploy.runtimes import BACKENDS as BUNDLE_BACKENDS
+        from bytedeploy.runtimes import generate as generate_on
+
+        if backend == "eager":
+            backend = "ort"
+        if backend not in BUNDLE_BACKENDS:
+            raise UserError(f"a bundle runs on {', '.join(BUNDLE_BACKENDS)}; {backend!r} needs the checkpoint")
+        bundle = load_bundle(checkpoint)
+        assets = bundle.assets
+        run = lambda request: generate_on(bundle, request, backend)  # noqa: E731
+    else:
+        model, cfg, ckpt = load_model(checkpoint, resolve_device(device))
+        fam = get_family(ckpt.family)
+        if backend not in fam.BACKENDS:
+            raise UserError(f"{ckpt.family} has no backend {backend!r}; available: {', '.join(fam.BACKENDS)}")
+        assets = ckpt.assets
+        run = lambda request: fam.generate(model, cfg, request, backend)  # noqa: E731
+    options = {"input": input_path, "target_ext": target_ext, "assets": str(assets)}
     if ext is not None:
         options["ext"] = ext
     elif prompt_file:
         options["ext"] = Path(prompt_file).suffix.lstrip(".") or "txt"
     request = GenerateRequest(prompt_bytes, max_new, num_samples, sampling, options)
     out_paths = planned_outputs(out, num_samples, target_ext or options.get("ext") or "txt", force)
-    result = fam.generate(model, cfg, request, backend)
+    result = run(request)
     for i, sample_bytes in enumerate(result.outputs):
         if out_paths:
             out_paths[i].parent.mkdir(parents=True, exist_ok=True)
@@ -432,6 +449,16 @@ def demo(steps, out, force, device):
                out=str(sample_path), force=True, device=device)
     text = sample_path.read_bytes().decode("utf-8", errors="replace")
     click.echo(f"--- {sample_path} (first 600 bytes) ---\n{text[:600]}")
+
+
+def _mount_deploy_commands():
+    from bytedeploy.deploy_cli import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_mount_deploy_commands()
 
 
 def main():

@@ -1,1 +1,67 @@
-"""bytedeploy.exporters"""
+"""bytedeploy.exporters: checkpoint -> deployment bundle (ONNX graphs + manifest + tokenizer assets).
+
+Each family has one module here, exporters/<family>.py, providing
+
+    export_graphs(model, cfg, folder: Path, precision: str, bitlinear: str | None, opset: int)
+        -> (list[GraphSpec], extra: dict)
+
+which writes folder/onnx/*.onnx through onnx_graphs.export_graph and returns the graphs and any facts its runtime
+loop needs (stored as bundle.json "extra").
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from pathlib import Path
+
+from bytedeploy.errors import UserError
+
+EXPORTERS = {
+    "bgpt": "bytedeploy.exporters.bgpt",
+    "bitnet": "bytedeploy.exporters.bitnet",
+    "sigma-gpt": "bytedeploy.exporters.sigma_gpt",
+    "bfn": "bytedeploy.exporters.bfn",
+    "char-gpt2": "bytedeploy.exporters.char_gpt2",
+}
+
+
+def family_exporter(family: str):
+    if family not in EXPORTERS:
+        raise UserError(f"no exporter for family {family!r}")
+    try:
+        return importlib.import_module(EXPORTERS[family])
+    except ModuleNotFoundError as e:
+        if e.name != EXPORTERS[family]:
+            raise
+        raise UserError(f"exporting {family} is not implemented in this build") from None
+
+
+def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", bitlinear: str | None = None,
+           opset: int | None = None, force: bool = False):
+    """Write the bundle for checkpoint into out (atomically); returns the Bundle."""
+    import torch
+
+    from bytedeploy.checkpoint import load_model
+    from bytedeploy.config import config_to_dict
+    from bytedeploy.exporters.bundle import DEFAULT_OPSET, MIN_OPSET, PRECISIONS, StagedBundle, write_manifest
+
+    opset = opset or DEFAULT_OPSET
+    if opset < MIN_OPSET:
+        raise UserError(f"opset {opset} is too old; bytedeploy exports opset {MIN_OPSET} or newer")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    model, cfg, ckpt = load_model(checkpoint, "cpu")
+    exporter = family_exporter(ckpt.family)
+    if bitlinear is not None and ckpt.family != "bitnet":
+        raise UserError(f"--bitlinear applies to bitnet checkpoints; this one is {ckpt.family}")
+    if precision == "fp16":
+        model = model.half()
+    with StagedBundle(out, force) as folder:
+        if ckpt.assets.is_dir():
+            shutil.copytree(ckpt.assets, folder / "assets")
+        with torch.no_grad():
+            graphs, extra = exporter.export_graphs(model, cfg, folder, precision, bitlinear, opset)
+        bundle = write_manifest(folder, ckpt.family, config_to_dict(cfg), graphs, opset, precision, bitlinear, extra)
+    bundle.path = Path(out)
+    return bundle

@@ -1,1 +1,58 @@
-"""bytedeploy.runtimes"""
+"""bytedeploy.runtimes: sampling loops over exported bundles.
+
+A runner executes one bundle graph by name: ``runner.run(graph, feeds) -> {output name: value}`` with values
+that can be fed back as inputs (KV caches stay on the device) and ``runner.to_numpy(value)`` for what the loop
+reads on the host. OrtRunner (ort.py) and TrtRunner (trt.py) implement it. Each family has one loop module,
+runtimes/<family>.py, providing
+
+    generate(bundle, runner, request: GenerateRequest) -> GenerateResult
+
+written once against the runner interface and the shared bytedeploy.sampling module.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from bytedeploy.errors import UserError
+
+BACKENDS = ("ort", "ort-cuda", "trt")
+LOOPS = {
+    "bgpt": "bytedeploy.runtimes.bgpt",
+    "bitnet": "bytedeploy.runtimes.bitnet",
+    "sigma-gpt": "bytedeploy.runtimes.sigma_gpt",
+    "bfn": "bytedeploy.runtimes.bfn",
+    "char-gpt2": "bytedeploy.runtimes.char_gpt2",
+}
+
+
+def make_runner(bundle, backend: str):
+    if backend == "ort":
+        from bytedeploy.runtimes.ort import OrtRunner
+
+        return OrtRunner(bundle, "cpu")
+    if backend == "ort-cuda":
+        from bytedeploy.runtimes.ort import OrtRunner
+
+        return OrtRunner(bundle, "cuda")
+    if backend == "trt":
+        from bytedeploy.runtimes.trt import TrtRunner
+
+        return TrtRunner(bundle)
+    raise UserError(f"unknown bundle backend {backend!r}; choose {', '.join(BACKENDS)}")
+
+
+def family_loop(family: str):
+    if family not in LOOPS:
+        raise UserError(f"no runtime loop for family {family!r}")
+    try:
+        return importlib.import_module(LOOPS[family])
+    except ModuleNotFoundError as e:
+        if e.name != LOOPS[family]:
+            raise
+        raise UserError(f"running {family} bundles is not implemented in this build") from None
+
+
+def generate(bundle, request, backend: str = "ort"):
+    """Run the family's sampling loop on the bundle with the backend's runner."""
+    return family_loop(bundle.family).generate(bundle, make_runner(bundle, backend), request)

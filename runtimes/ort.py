@@ -1,0 +1,109 @@
+"""ONNX Runtime graph runner: one InferenceSession per bundle graph, run through IOBinding.
+
+Values a graph returns stay ORT values on the session's device (KV caches on the GPU with the CUDA execution
+provider) and go back in as inputs of the next call without a copy; ``to_numpy`` copies the few a loop needs on the
+host (logits). Family loops (runtimes/<family>.py) only see the GraphRunner interface, which the TensorRT runner
+implements too.
+
+    runner = OrtRunner(bundle, device="cpu")        # or "cuda" with onnxruntime-gpu
+    out = runner.run("decode", {"ids": ids, "past_k": out_prev["present_k"], ...})
+    logits = runner.to_numpy(out["logits"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bytedeploy.errors import UserError
+from bytedeploy.exporters.bundle import Bundle
+
+
+def import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
+    return ort
+
+
+def providers_for(device: str) -> list[str]:
+    ort = import_ort()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UserError("the ort-cuda backend needs onnxruntime-gpu with a working CUDA execution provider; "
+                            f"this onnxruntime has {', '.join(ort.get_available_providers())}")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise UserError(f"unknown ONNX Runtime device {device!r}: cpu or cuda")
+
+
+def session_options(custom_ops: bool):
+    ort = import_ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if custom_ops:
+        from bytedeploy.plugins.ort_ops import register_custom_ops
+
+        register_custom_ops(so)
+    return so
+
+
+def make_session(model_path: str | Path, device: str = "cpu", custom_ops: bool = False):
+    """An InferenceSession for one graph file; custom_ops registers bytedeploy's ONNX Runtime custom ops."""
+    ort = import_ort()
+    model = str(model_path)
+    if custom_ops:
+        from bytedeploy.plugins.ort_ops import model_for_ort
+
+        model = model_for_ort(model_path)  # bytes of the graph with the custom ops ORT-resolvable
+    try:
+        return ort.InferenceSession(model, sess_options=session_options(custom_ops), providers=providers_for(device))
+    except UserError:
+        raise
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, NotImplemented, ...)
+        raise UserError(f"ONNX Runtime cannot load {model_path}: {str(e).splitlines()[0]}") from None
+
+
+class OrtRunner:
+    """GraphRunner over ONNX Runtime sessions, created lazily per graph."""
+
+    name = "ort"
+
+    def __init__(self, bundle: Bundle, device: str = "cpu"):
+        self.bundle = bundle
+        self.device = device
+        self.ort_device = "cuda" if device == "cuda" else "cpu"
+        providers_for(device)  # fail early, with the message, when the provider is missing
+        self.sessions = {}
+
+    def session(self, graph: str):
+        if graph not in self.sessions:
+            spec = self.bundle.graphs.get(graph)
+            if spec is None:
+                raise UserError(f"bundle {self.bundle.path} has no graph {graph!r}")
+            self.sessions[graph] = make_session(self.bundle.graph_path(graph), self.device,
+                                                custom_ops=bool(spec.custom_ops))
+        return self.sessions[graph]
+
+    def run(self, graph: str, feeds: dict) -> dict:
+        """feeds: name -> numpy array or ORT value (a previous output). Returns name -> ORT value on the device."""
+        ort = import_ort()
+        sess = self.session(graph)
+        binding = sess.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        names = [o.name for o in sess.get_outputs()]
+        for name in names:
+            binding.bind_output(name, self.ort_device)
+        sess.run_with_iobinding(binding)
+        return dict(zip(names, binding.get_outputs()))
+
+    def to_numpy(self, value) -> np.ndarray:
+        return value.numpy() if not isinstance(value, np.ndarray) else value
