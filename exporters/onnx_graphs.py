@@ -56,3 +56,27 @@ def export_graph(module: torch.nn.Module, name: str, args: tuple, folder: Path, 
         [tensor_spec(n, a, dynamic_axes.get(n, {})) for n, a in zip(input_names, args)],
         [tensor_spec(n, o, dynamic_axes.get(n, {})) for n, o in zip(output_names, outputs)],
         custom)
+
+
+class ConcatCache:
+    """Stand-in for bytedeploy.kv_cache.KVCache inside exported graphs: the new keys and values are appended to
+    the past ones, so a decode graph maps (past_k, past_v) of any length to (present_k, present_v) one longer.
+    Runtimes feed each step's presents back as the next step's pasts (ORT values stay on the device)."""
+
+    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor):
+        self.k, self.v = past_k, past_v
+
+    def update(self, start, k: torch.Tensor, v: torch.Tensor):
+        self.k = torch.cat([self.k, k.to(self.k.dtype)], 2)
+        self.v = torch.cat([self.v, v.to(self.v.dtype)], 2)
+        return self.k, self.v
+
+
+def layer_caches(past_k: torch.Tensor, past_v: torch.Tensor) -> list[ConcatCache]:
+    """Stacked caches (L, B, H, T, D) -> one ConcatCache per layer."""
+    return [ConcatCache(past_k[i], past_v[i]) for i in range(past_k.size(0))]
+
+
+def stacked(caches: list[ConcatCache]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (present_k, present_v), each (L, B, H, T', D)."""
+    return torch.stack([c.k for c in caches]), torch.stack([c.v for c in caches])
