@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -157,6 +158,10 @@ def train(family, data_spec, eval_data, eval_split, preset, sets, context, d_mod
             raise UserError(f"{out} holds a {ckpt.family} checkpoint, not {family}")
         model, model_cfg, _ = load_model(out, "cpu")
         resume_state = read_train_state(out)
+        missing = [k for k in ("train_config", "data", "data_options") if k not in ckpt.meta]
+        if missing:
+            raise UserError(f"{out} holds no training run to resume (no {missing[0]} in its config.json); "
+                            f"start a new run from its weights with --init {out}")
         tcfg = config_from_dict(TrainConfig, dict(ckpt.meta["train_config"]), what="train config")
         if click.get_current_context().get_parameter_source("steps").name != "DEFAULT":
             tcfg = dataclasses.replace(tcfg, steps=steps)
@@ -244,14 +249,27 @@ def report_eval(fam, data, history) -> None:
 @sampling_options
 @click.option("--backend", default="eager", show_default=True,
               help="For a checkpoint: eager-reference (the seed's loop: no KV cache, host sampling), eager "
-                   "(KV cache, device sampling), burst (sigma-GPT). For an exported bundle: ort (ONNX Runtime, "
-                   "CPU), ort-cuda (onnxruntime-gpu) or trt (built TensorRT engines).")
+                   "(KV cache, device sampling), burst (sigma-GPT), native (CUDA graphs, static caches, custom "
+                   "kernels; needs a GPU: --device cuda), native+compile (bGPT). For an exported bundle: ort "
+                   "(ONNX Runtime, CPU; the default), ort-cuda (onnxruntime-gpu), trt (built TensorRT engines), "
+                   "burst (sigma-GPT burst sampling in ONNX Runtime).")
+@click.option("--gen-order", type=click.Choice(["left-to-right", "random"]), default=None,
+              help="sigma-GPT, eager and eager-reference backends: the order in which the new positions are "
+                   "generated; random draws one order per sample from --seed [default: left-to-right].")
+@click.option("--n-orders", type=click.IntRange(min=1), default=None,
+              help="sigma-GPT, burst backend: random orders that score each pass's proposals; the longest "
+                   "accepted run is kept (1 = exact random-order sampling, more = fewer passes) [default: 4].")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Bayesian-flow LM (bfn): sampling steps [default: the model's n_steps].")
+@click.option("--infill", default=None, metavar="TEMPLATE",
+              help="Bayesian-flow LM (bfn): fill the holes of TEMPLATE, text with holes written [[N]] (N new "
+                   "tokens), e.g. 'def [[4]](self): return [[8]]'; prints the whole filled text. Replaces --prompt.")
 @device_option
 @click.option("-o", "--out", type=click.Path(), default=None,
               help="Write samples here (a file for one sample, a folder for several) instead of printing them.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def generate(checkpoint, prompt, prompt_file, ext, input_path, target_ext, max_new, num_samples, top_k, top_p,
-             temperature, seed, backend, device, out, force):
+             temperature, seed, backend, gen_order, n_orders, steps, infill, device, out, force):
     """Sample from a trained CHECKPOINT or an exported bundle; prints the samples (or writes them with -o) and the
     speed."""
     from bytedeploy.checkpoint import load_model
@@ -275,21 +293,29 @@ def generate(checkpoint, prompt, prompt_file, ext, input_path, target_ext, max_n
         from bytedeploy.runtimes import BACKENDS as BUNDLE_BACKENDS
         from bytedeploy.runtimes import generate as generate_on
 
-        if backend == "eager":
-            backend = "ort"
-        if backend not in BUNDLE_BACKENDS:
-            raise UserError(f"a bundle runs on {', '.join(BUNDLE_BACKENDS)}; {backend!r} needs the checkpoint")
         bundle = load_bundle(checkpoint)
-        assets = bundle.assets
-        run = lambda request: generate_on(bundle, request, backend)  # noqa: E731
+        family, assets = bundle.family, bundle.assets
+        burst = backend == "burst" and family == "sigma-gpt"  # the burst loop on the bundle's graphs, in ORT
+        runtime = "ort" if backend == "eager" or burst else backend
+        if runtime not in BUNDLE_BACKENDS:
+            raise UserError(f"a bundle runs on {', '.join(BUNDLE_BACKENDS)}"
+                            f"{' (and burst for sigma-gpt)' if family == 'sigma-gpt' else ''}; "
+                            f"{backend!r} needs the checkpoint")
+        run = lambda request: generate_on(bundle, request, runtime)  # noqa: E731
     else:
+        from bytedeploy.generation import checkpoint_backends, generate_from_checkpoint
+
         model, cfg, ckpt = load_model(checkpoint, resolve_device(device))
-        fam = get_family(ckpt.family)
-        if backend not in fam.BACKENDS:
-            raise UserError(f"{ckpt.family} has no backend {backend!r}; available: {', '.join(fam.BACKENDS)}")
-        assets = ckpt.assets
-        run = lambda request: fam.generate(model, cfg, request, backend)  # noqa: E731
-    options = {"input": input_path, "target_ext": target_ext, "assets": str(assets)}
+        family, assets = ckpt.family, ckpt.assets
+        available = checkpoint_backends(get_family(family))
+        if backend not in available:
+            raise UserError(f"{family} has no backend {backend!r}; available: {', '.join(available)}")
+        run = lambda request: generate_from_checkpoint(model, cfg, family, request, backend)  # noqa: E731
+        burst = False
+    options = {"input": input_path, "target_ext": target_ext, "assets": str(assets),
+               **family_generate_options(family, backend, gen_order, n_orders, steps, infill)}
+    if burst:
+        options["burst"] = True
     if ext is not None:
         options["ext"] = ext
     elif prompt_file:
@@ -309,6 +335,37 @@ def generate(checkpoint, prompt, prompt_file, ext, input_path, target_ext, max_n
     click.echo(f"{backend}: {result.n_new} {result.unit}s in {result.seconds:.2f} s "
                f"({result.per_second:,.1f} {result.unit}s/s{passes})"
                + (f"; wrote {', '.join(map(str, out_paths))}" if out_paths else ""), err=True)
+
+
+def family_generate_options(family: str, backend: str, gen_order, n_orders, steps, infill) -> dict:
+    """The family-specific generate flags -> request.options, refusing a flag that the family would ignore."""
+    given = {"--gen-order": (gen_order, "sigma-gpt", "order"), "--n-orders": (n_orders, "sigma-gpt", "n_orders"),
+             "--steps": (steps, "bfn", "n_steps"), "--infill": (infill, "bfn", "infill")}
+    options = {}
+    for flag, (value, owner, key) in given.items():
+        if value is None:
+            continue
+        if family != owner:
+            raise UserError(f"{flag} is a {owner} option; this is a {family} model")
+        options[key] = value
+    if n_orders is not None and backend != "burst":
+        raise UserError("--n-orders applies to --backend burst")
+    if gen_order is not None and backend == "burst":
+        raise UserError("--gen-order applies to the eager backends; burst draws its own random orders")
+    if infill is not None:
+        options["infill"] = parse_infill(infill)
+    return options
+
+
+def parse_infill(template: str) -> list:
+    """'def [[4]](self):' -> ['def ', 4, '(self):']: text to keep and hole sizes in tokens (bfn's infill)."""
+    parts = re.split(r"\[\[(\d+)\]\]", template)
+    out = [int(p) if i % 2 else p for i, p in enumerate(parts) if i % 2 or p]
+    if not any(isinstance(p, int) for p in out):
+        raise UserError("--infill needs at least one hole written [[N]] (N tokens to fill)")
+    if any(isinstance(p, int) and p < 1 for p in out):
+        raise UserError("--infill holes need N >= 1 tokens")
+    return out
 
 
 def planned_outputs(out, n: int, ext: str, force: bool) -> list[Path]:
@@ -404,6 +461,15 @@ def _mount_cpu_states():
 
 
 _mount_cpu_states()
+
+
+def _mount_tokenizer():
+    from bytedeploy.data.sentencepiece_tokenizer import tokenizer_cli  # sentencepiece imports in a few ms
+
+    cli.add_command(tokenizer_cli, name="tokenizer")
+
+
+_mount_tokenizer()
 
 
 # ------------------------------------------------------------------------------------------------ import

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import click
 
+from bytedeploy.verify import tolerance_help
+
 
 @click.command()
 @click.argument("checkpoint", type=click.Path())
@@ -36,8 +38,11 @@ def export(checkpoint, out, precision, bitlinear, opset, force):
 @click.option("--decode-steps", type=int, default=32, show_default=True,
               help="Decode steps (with the KV cache) compared after the prefill.")
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Batch of the compared inputs.")
-@click.option("--atol", type=float, default=None, help="Absolute tolerance [default: by precision, see README].")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance [default: by precision, see README].")
+@click.option("--atol", type=float, default=None,
+              help=f"Absolute tolerance [default by the bundle's precision: {tolerance_help()}].")
+@click.option("--rtol", type=float, default=None,
+              help="Relative tolerance, of the eager value; an element fails when it is off by more than both "
+                   "[default: by precision, as --atol].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 def verify(checkpoint, bundle, backends, decode_steps, batch_size, atol, rtol, seed):
     """Run eager PyTorch and the BUNDLE's graphs on the same inputs and compare every output (polygraphy).
@@ -54,8 +59,9 @@ def verify(checkpoint, bundle, backends, decode_steps, batch_size, atol, rtol, s
 @click.command()
 @click.argument("bundle", type=click.Path())
 @click.option("-o", "--out", type=click.Path(), default=None, help="Engine folder [default: BUNDLE/engines].")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True,
-              help="Precision TensorRT may choose kernels in.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Precision TensorRT may choose kernels in [default: the bundle's]. TensorRT-RTX builds strongly "
+                   "typed networks: its engines always compute in the bundle's precision.")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Largest batch of the optimization profiles.")
 @click.option("--max-len", type=int, default=None,
               help="Longest sequence / KV-cache length of the profiles [default: the model's context].")
@@ -72,4 +78,59 @@ def build(bundle, out, precision, max_batch, max_len, timing_cache, force):
     build_engines(bundle, out, precision, max_batch, max_len, timing_cache, force)
 
 
-COMMANDS = (export, verify, build)
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--backends", default="eager-reference,eager,native", show_default=True,
+              help="Comma-separated: eager-reference, eager, burst (sigma-GPT), native, native+compile (bGPT), and "
+                   "on an exported --bundle: ort, ort-cuda, trt. Rows that cannot run here are recorded as skipped.")
+@click.option("--batch-sizes", default="1,8,64", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--max-new", type=int, default=256, show_default=True, help="New tokens (bytes for bGPT) per row.")
+@click.option("--prompt", default="import os\n", show_default=True, help="Prompt text (UTF-8).")
+@click.option("--bundle", type=click.Path(), default=None, help="Exported bundle for the ort / ort-cuda / trt rows.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed calls per row (the median is kept).")
+@click.option("--reference-max-batch", type=int, default=8, show_default=True,
+              help="Largest batch run on eager-reference (it generates the rows one after another).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Weights and activations of the checkpoint backends.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Family generate option, e.g. ext=py, n_steps=100, order=random, bitlinear=fp (repeatable).")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Top-k (0 = off).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Top-p (1 = off).")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0 = greedy, so that every backend's output can be compared.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--device", default=None, help="cuda or cpu [default: cuda when available].")
+@click.option("--out", type=click.Path(), default=None, help="Write the results as JSON here.")
+@click.option("--plot", type=click.Path(), default=None, help="Write a PNG plot here (needs matplotlib).")
+def bench(checkpoint, backends, batch_sizes, max_new, prompt, bundle, repeats, reference_max_batch, dtype, options,
+          top_k, top_p, temperature, seed, device, out, plot):
+    """Time generation of CHECKPOINT on each backend x batch size: latency per token (and per patch for bGPT),
+    throughput, peak GPU memory and the speed-up over eager-reference, measured in one run."""
+    from bytedeploy.bench import BenchConfig, parse_value, run_bench, summary_lines, write_json, write_plot
+    from bytedeploy.errors import UserError
+    from bytedeploy.sampling import SamplingConfig
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+        sampling = SamplingConfig(top_k, top_p, temperature, seed)
+    except ValueError as e:
+        raise UserError(f"bad --batch-sizes or sampling option: {e}") from None
+    family_options = {}
+    for kv in options:
+        if "=" not in kv:
+            raise UserError(f"--option takes KEY=VALUE, got {kv!r}")
+        key, value = kv.split("=", 1)
+        family_options[key] = parse_value(value)
+    bc = BenchConfig([b.strip() for b in backends.split(",") if b.strip()], sizes, max_new,
+                     prompt.encode("utf-8"), repeats, reference_max_batch, bundle, device, dtype, family_options,
+                     sampling)
+    result = run_bench(checkpoint, bc, echo=click.echo)
+    click.echo("\n".join(summary_lines(result)))
+    if out:
+        write_json(result, out)
+        click.echo(f"wrote {out}")
+    if plot:
+        click.echo(write_plot(result, plot))
+
+
+COMMANDS = (export, verify, build, bench)

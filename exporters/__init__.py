@@ -62,6 +62,8 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", bit
             shutil.copytree(ckpt.assets, folder / "assets")
         with torch.no_grad():
             graphs, extra = exporter.export_graphs(model, cfg, folder, precision, bitlinear, opset)
+        # A family may raise the opset (BitNet qdq: INT4 DequantizeLinear needs 21) and resolve the bitlinear default.
+        opset, bitlinear = extra.pop("opset", opset), extra.pop("bitlinear", bitlinear)
         bundle = write_manifest(folder, ckpt.family, config_to_dict(cfg), graphs, opset, precision, bitlinear, extra)
     bundle.path = Path(out)
     return bundle

@@ -196,6 +196,12 @@ def test_tokenizer_cli_special_ids_and_digits(tmp_path):
     code = "def f_7(x, y=3):\n    return x * 7 + y\n"
     assert sp.decode(sp.encode(code)) == code  # newlines and indentation survive
 
+    # mounted as 'bytedeploy tokenizer'
+    result = runner.invoke(cli, ["tokenizer", "train", "--data", str(corpus), "--vocab-size", "60",
+                                 "-o", str(tmp_path / "via_main.model")])
+    assert result.exit_code == 0 and "60-piece BPE tokenizer" in result.output, result.output
+    assert load_sentencepiece(tmp_path / "via_main.model").vocab_size() == 60
+
     # bad input: one-line errors, exit status 1
     other = str(tmp_path / "other")
     for args, message in [(["--data", str(tmp_path / "missing.txt"), "-o", other], "data path not found"),
@@ -234,6 +240,17 @@ def test_cli_trains_a_tokenizer_and_model_then_generates(tmp_path):
     assert "eager: 16 tokens" in result.output and "passes per token" in result.output
     result = runner.invoke(cli, ["generate", str(out), "--prompt", "def ", "--max-new", "100"])
     assert result.exit_code == 1 and "does not fit" in result.output
+    result = runner.invoke(cli, ["generate", str(out), "--prompt", "def ", "--max-new", "16", "--steps", "10"])
+    assert result.exit_code == 0 and "0.688 passes per token" in result.output, result.output  # 11 passes / 16
+    result = runner.invoke(cli, ["generate", str(out), "--infill", "def [[4]](self):\n[[6]]", "--steps", "10"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("def ") and result.stdout.index("(self):\n") >= 4
+    assert "eager: 10 tokens" in result.stderr
+    for flags, message in [(["--infill", "no holes"], "at least one hole"),
+                           (["--infill", "x [[2]]", "--prompt", "y"], "either a prompt or an infill"),
+                           (["--n-orders", "2"], "--n-orders is a sigma-gpt option; this is a bfn model")]:
+        result = runner.invoke(cli, ["generate", str(out), *flags])
+        assert result.exit_code == 1 and message in result.output, result.output
 
     model, cfg, ckpt = load_model(out)
     options = {"assets": str(ckpt.assets), "n_steps": 20}

@@ -84,6 +84,22 @@ def test_limit_conversion_prompt_and_partial_patch():
         bgpt.generate(make_model()[0], cfg, GenerateRequest(bytes(97)), "eager")
 
 
+def test_patch_embedding_is_the_linear_over_one_hot_patches():
+    model, cfg = make_model()
+    P, C = cfg.patch_size, cfg.n_embd
+    patches = torch.randint(0, 257, (3, 5, P))
+    ours = model.embed_patches(patches)
+    weight = model.patch_embedding.weight
+    onehot = model.patch_embedding(F.one_hot(patches, 257).float().flatten(-2))  # the seed's definition
+    table = weight.view(C, P, 257).permute(1, 2, 0)  # the earlier advanced-index gather, for exact equality
+    gathered = table[torch.arange(P), patches].sum(-2) + model.patch_embedding.bias
+    torch.testing.assert_close(ours, onehot, rtol=1e-6, atol=1e-6)  # fp32: a sum of P rows vs a dense matmul
+    assert torch.equal(ours, gathered)
+    grads = [torch.autograd.grad(out.square().sum(), weight)[0] for out in (ours, onehot, gathered)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(grads[0], grads[2])
+
+
 # ----------------------------------------------------------------------------------------------- KV cache
 
 
@@ -284,6 +300,24 @@ def test_conversion_pairs_both_ways(tmp_path):
         bgpt.make_data(cfg, folder, {"conversion": "abc->xyz"})
     with pytest.raises(UserError, match="src->dst"):
         bgpt.make_data(cfg, folder, {"conversion": "abc"})
+
+
+def test_builtin_cpu_states_start_from_random_registers():
+    from bytedeploy.data import cpu_states
+    from bytedeploy.data.files import cpu_state_records
+
+    records = cpu_state_records(n_programs=40, seed=1)
+    firsts = []
+    for r in records:
+        memory, states = cpu_states.parse_trace(r.data)
+        first = states[0]
+        firsts.append((first.acc, *first.registers))
+        # the trace is the simulator's run of its program from that initial ACC and registers
+        n = len(states) - 1
+        assert r.data == cpu_states.run_program(memory[:4 * n], acc=first.acc, registers=first.registers)
+    values = np.array(firsts)
+    assert len({tuple(v) for v in values}) == 40 and values.min() < 30 and values.max() > 225  # uniform 0..255
+    assert records[0].data == cpu_state_records(n_programs=1, seed=1)[0].data  # deterministic
 
 
 def test_classification_data_from_file_names(tmp_path):

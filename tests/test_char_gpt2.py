@@ -101,6 +101,24 @@ def test_invalid_utf8_corpus_is_a_one_line_error(tmp_path):
     assert "not valid UTF-8" in lines[0] and "offset 123" in lines[0]
 
 
+def test_first_mb_cut_inside_a_character_drops_it(tmp_path):
+    from bytedeploy.data.text import load_text_split
+    from bytedeploy.errors import UserError
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(("a" * 9 + "é" * 10).encode())  # 'é' is 2 bytes: a cut at 10 bytes falls inside the first one
+    train, evals = load_text_split(str(corpus), 0.0, first_mb=10 / 1e6)
+    assert train + evals == "a" * 9
+    train, _ = load_text_split(str(corpus), 0.0, first_mb=11 / 1e6)
+    assert train == "a" * 9 + "é"
+    corpus.write_bytes(b"a" * 9 + b"\xc3")  # a file that itself ends inside a character is invalid
+    with pytest.raises(UserError, match="offset 9"):
+        load_text_split(str(corpus), 0.0)
+    corpus.write_bytes(b"a" * 5 + b"\xff" + b"a" * 10)  # invalid bytes before the cut are still reported
+    with pytest.raises(UserError, match="byte 0xff at offset 5"):
+        load_text_split(str(corpus), 0.0, first_mb=10 / 1e6)
+
+
 def test_cli_train_generate_eval(tmp_path):
     runner = CliRunner()
     ckpt = tmp_path / "ckpt"

@@ -122,6 +122,15 @@ def test_train_into_an_existing_checkpoint_leaves_it_untouched(ckpt, data):
     assert (other / "mine.txt").read_text() == "keep me"
 
 
+def test_resume_of_a_checkpoint_without_a_training_run(ckpt):
+    # e.g. an imported or hand-saved checkpoint: weights and a training state, but no train_config in its meta
+    torch.save({"optimizer": {}, "step": 0, "rng": [], "history": {}}, ckpt / "train_state.pt")
+    before = snapshot(ckpt)
+    line = invoke_error("train", "bgpt", "--resume", "-o", ckpt)
+    assert "holds no training run to resume (no train_config" in line and "--init" in line
+    assert snapshot(ckpt) == before
+
+
 def test_generate_onto_an_existing_file(tmp_path, ckpt):
     out = tmp_path / "sample.txt"
     out.write_bytes(b"precious")
@@ -149,3 +158,11 @@ def test_import_errors(tmp_path):
     torch.save({"model": official}, junk)
     assert "must divide" in invoke_error("import", "bgpt", junk, "-o", out, "--n-head", 5)
     assert not out.exists()
+
+
+def test_backends_this_machine_or_this_input_cannot_run(ckpt, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert invoke_error("generate", ckpt, "--backend", "native", "--prompt", "a") == \
+        "Error: the native backend needs a CUDA GPU"
+    assert "bgpt has no backend 'burst'; available: eager-reference, eager, native, native+compile" in \
+        invoke_error("generate", ckpt, "--backend", "burst", "--prompt", "a")

@@ -253,6 +253,23 @@ def test_cli_train_lowers_loss_and_burst_generates(tmp_path):
     assert result.exit_code == 0, result.output
     assert "burst: 32 chars" in result.stderr and "passes per char" in result.stderr
 
+    # the family's generate flags reach the sampler: the CLI prints what the same request gives directly
+    from bytedeploy.checkpoint import load_model
+
+    model, cfg, ckpt = load_model(out)
+    for flags, backend, options in [(["--n-orders", "1"], "burst", {"n_orders": 1}),
+                                    (["--gen-order", "random"], "eager", {"order": "random"})]:
+        result = runner.invoke(cli, ["generate", str(out), "--backend", backend, "--max-new", "32", "--prompt",
+                                     "def ", "--seed", "5", *flags])
+        assert result.exit_code == 0, result.output
+        request = GenerateRequest(b"def ", 32, 1, SamplingConfig(seed=5), dict(options, assets=str(ckpt.assets)))
+        assert result.stdout == sg.generate(model, cfg, request, backend).outputs[0].decode() + "\n"
+    for flags, message in [(["--n-orders", "2"], "applies to --backend burst"),
+                           (["--backend", "burst", "--gen-order", "random"], "burst draws its own"),
+                           (["--steps", "10"], "--steps is a bfn option; this is a sigma-gpt model")]:
+        result = runner.invoke(cli, ["generate", str(out), *flags])
+        assert result.exit_code == 1 and message in result.output, result.output
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_sampling_on_cuda_matches_cpu(tmp_path):

@@ -79,13 +79,18 @@ def stdlib_records() -> list[FileRecord]:
 
 
 def cpu_state_records(n_programs: int = 2000, seed: int = 0, max_program: int = 64) -> list[FileRecord]:
+    """Traces drawn as cpu_states.generate draws them (random ACC and registers, as the official random_init),
+    with shorter programs (at most max_program instructions) so that a trace fits small models."""
     from bytedeploy.data import cpu_states
 
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_programs):
+        acc = int(rng.integers(0, 256))
+        registers = [int(v) for v in rng.integers(0, 256, size=cpu_states.NUM_REGISTERS)]
         program = cpu_states.random_program(rng, int(rng.integers(1, max_program + 1)))
-        out.append(FileRecord(f"cpu_{i}.bin", cpu_states.run_program(program)))
+        trace = cpu_states.run_program(program, acc=acc, registers=registers)
+        out.append(FileRecord(f"cpu_{i}.bin", trace))
     return out
 
 

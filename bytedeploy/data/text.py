@@ -18,10 +18,14 @@ from bytedeploy.data.files import read_folder, split_records, stdlib_records
 from bytedeploy.errors import UserError
 
 
-def decode_utf8(data: bytes, source: str) -> str:
+def decode_utf8(data: bytes, source: str, cut: bool = False) -> str:
+    """Strict UTF-8; cut=True when data was cut at a byte count (--first-mb): a character split by the cut is
+    dropped instead of being reported as invalid."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
+        if cut and e.reason == "unexpected end of data" and e.end == len(data):
+            return data[:e.start].decode("utf-8")
         raise UserError(f"{source} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}") from None
 
 
@@ -43,9 +47,10 @@ def load_text_split(spec: str, eval_fraction: float = 0.05, first_mb: float | No
     if not path.is_file():
         raise UserError(f"data path is neither a file nor a folder: {spec}")
     data = path.read_bytes()
-    if first_mb is not None:
+    truncated = first_mb is not None and int(first_mb * 1e6) < len(data)
+    if truncated:
         data = data[:int(first_mb * 1e6)]
-    text = decode_utf8(data, spec)
+    text = decode_utf8(data, spec, cut=truncated)
     if not text:
         raise UserError(f"{spec} is empty")
     cut = int(len(text) * (1 - eval_fraction))

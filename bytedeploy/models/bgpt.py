@@ -145,10 +145,12 @@ class Model(nn.Module):
     # -- the two decoders, each usable with or without a KV cache
 
     def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """(B, N, P) bytes -> (B, N, C): Linear over the flattened one-hot, computed as a gather-sum."""
-        P, C = self.cfg.patch_size, self.cfg.n_embd
-        table = self.patch_embedding.weight.view(C, P, N_SYMBOLS).permute(1, 2, 0)  # (P, 257, C)
-        rows = table[torch.arange(P, device=patches.device), patches]  # (B, N, P, C)
+        """(B, N, P) bytes -> (B, N, C): Linear over the flattened one-hot, computed as an embedding-sum.
+
+        Column p * 257 + s of the Linear's weight is the row of byte s at patch position p. F.embedding rather
+        than advanced indexing: its backward is deterministic (and faster), so runs and resumes repeat exactly."""
+        offsets = N_SYMBOLS * torch.arange(self.cfg.patch_size, device=patches.device)
+        rows = F.embedding(patches + offsets, self.patch_embedding.weight.t())  # (B, N, P, C)
         return rows.sum(-2) + self.patch_embedding.bias
 
     def encode_patches(self, patches: torch.Tensor, caches=None, start: int = 0) -> torch.Tensor:

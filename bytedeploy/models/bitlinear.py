@@ -193,7 +193,7 @@ class BitLinear(nn.Module):
             return y if self.bias is None else y + self.bias.to(y.dtype)
         x_q = fake_quantize_activations(x_normed)
         w_q = fake_quantize_weights(self.weight, self.mode)
-        return F.linear(x_q, w_q, self.bias)
+        return F.linear(x_q.to(w_q.dtype), w_q, self.bias)  # the norm computes in float32
 
     @torch.no_grad()
     def export_int(self) -> IntWeights:

@@ -188,7 +188,7 @@ class Model(nn.Module):
         x = self.drop(self.tok_emb(idx))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if caches is None else caches[i], start)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x).to(x.dtype))  # RMSNorm computes in float32
 
     def forward(self, batch: dict[str, torch.Tensor]):
         """-> (mean cross-entropy in nats per byte, number of targets)."""

@@ -274,32 +274,69 @@ def sample_cached(model: Model, prompt: list[int], orders: torch.Tensor, samplin
 @torch.no_grad()
 def sample_burst(model: Model, prompt: list[int], n_new: int, batch_size: int, sampling: SamplingConfig,
                  gen: torch.Generator, n_orders: int = 4, resample_rejected: bool = True):
-    """Token-based rejection sampling (module docstring).
+    """Token-based rejection sampling (module docstring) on the eager model.
 
     -> ((B, P + n_new) tokens by position, (B, P + n_new) the order positions were generated in, batched passes)."""
-    device = next(model.parameters()).device
-    B, N, P = batch_size, n_orders, len(prompt)
+    passes = EagerBurstPasses(model, batch_size, n_orders, len(prompt) + n_new)
+    return burst_loop(passes, prompt, n_new, sampling, gen, resample_rejected)
+
+
+class EagerBurstPasses:
+    """The three kinds of model pass burst_loop makes, on the eager model with static KV caches holding one copy
+    per scoring order (row j*B + b = order j, sample b). runtimes/sigma_gpt.py implements the same interface over
+    a bundle's graphs."""
+
+    def __init__(self, model: Model, batch_size: int, n_orders: int, length: int):
+        self.model, self.batch_size, self.n_orders = model, batch_size, n_orders
+        self.device = next(model.parameters()).device
+        self.caches = model.transformer.make_caches(n_orders * batch_size, length)
+
+    def prefill(self, tokens: torch.Tensor, here: torch.Tensor, following: torch.Tensor) -> None:
+        """Cache the known tokens before the last one: (1, n) tokens, positions, next positions -> slots [0, n)."""
+        N, B = self.n_orders, self.batch_size
+        self.model.logits(tokens.expand(N * B, -1), here.expand(N * B, -1), following.expand(N * B, -1),
+                          self.caches, 0)
+
+    def propose(self, last: torch.Tensor, last_pos: torch.Tensor, remaining: torch.Tensor, n_cached: int):
+        """The last token (B,) at last_pos (B,) queried once per remaining position (B, R), each query seeing the
+        cache and itself only -> logits (B, R, V)."""
+        B, R = remaining.shape
+        mask = torch.cat([torch.ones(R, n_cached, dtype=torch.bool, device=self.device),
+                          torch.eye(R, dtype=torch.bool, device=self.device)], 1)
+        return self.model.logits(last[:, None].expand(B, R), last_pos[:, None].expand(B, R), remaining,
+                                 self.caches, n_cached, mask)
+
+    def score(self, tokens: torch.Tensor, here: torch.Tensor, following: torch.Tensor, n_cached: int):
+        """(N*B, R) inputs teacher-forced along the scoring orders, after the cache -> logits (N*B, R, V)."""
+        return self.model.logits(tokens, here, following, self.caches, n_cached)
+
+    def keep(self, best: torch.Tensor, n_cached: int, m: int) -> None:
+        """The kept order's first m scoring entries become the cache of the taken tokens, for every order."""
+        keep_order_entries(self.caches, best, n_cached, m, self.n_orders, self.batch_size)
+
+
+def burst_loop(passes, prompt: list[int], n_new: int, sampling: SamplingConfig, gen: torch.Generator,
+               resample_rejected: bool = True):
+    """sample_burst over any passes object (EagerBurstPasses, or the bundle runtime's), so that every backend
+    draws the same random numbers in the same order."""
+    device, B, N, P = passes.device, passes.batch_size, passes.n_orders, len(prompt)
     L = P + n_new
     rows = torch.arange(B, device=device)
-    caches = model.transformer.make_caches(N * B, L)  # one copy per scoring order; row j*B + b = order j, sample b
     seq = torch.zeros(B, L, dtype=torch.long, device=device)
     seq[:, :P] = torch.tensor(prompt, device=device)
-    passes, n_cached = 0, P - 1
+    n_passes, n_cached = 0, P - 1
     if n_cached:
-        pos = torch.arange(P, device=device).expand(N * B, -1)
-        model.logits(seq[:1, :P - 1].expand(N * B, -1), pos[:, :-1], pos[:, 1:], caches, 0)
-        passes += 1
+        pos = torch.arange(P, device=device)[None]
+        passes.prefill(seq[:1, :P - 1], pos[:, :-1], pos[:, 1:])
+        n_passes += 1
     last, last_pos = seq[:, P - 1], torch.full((B,), P - 1, device=device)
     remaining = torch.arange(P, L, device=device).expand(B, -1)
     generated_at = [torch.arange(P, device=device).expand(B, -1)]
     while remaining.size(1):
         R = remaining.size(1)
         # 1. propose: the last token queried once per remaining position, each query seeing the cache and itself
-        mask = torch.cat([torch.ones(R, n_cached, dtype=torch.bool, device=device),
-                          torch.eye(R, dtype=torch.bool, device=device)], 1)
-        logits = model.logits(last[:, None].expand(B, R), last_pos[:, None].expand(B, R), remaining, caches,
-                              n_cached, mask)
-        passes += 1
+        logits = passes.propose(last, last_pos, remaining, n_cached)
+        n_passes += 1
         proposals = sample(logits, sampling, gen)  # (B, R)
         if R == 1:  # one position left: its proposal is an exact draw
             seq.scatter_(1, remaining, proposals)
@@ -313,9 +350,9 @@ def sample_burst(model: Model, prompt: list[int], n_new: int, batch_size: int, s
         tok_in_order = proposals.expand(N, B, R).gather(2, perms)
         inputs = torch.cat([last.expand(N, B)[..., None], tok_in_order[..., :-1]], 2)
         here = torch.cat([last_pos.expand(N, B)[..., None], pos_in_order[..., :-1]], 2)
-        scores = model.logits(inputs.reshape(N * B, R), here.reshape(N * B, R), pos_in_order.reshape(N * B, R),
-                              caches, n_cached)
-        passes += 1
+        scores = passes.score(inputs.reshape(N * B, R), here.reshape(N * B, R), pos_in_order.reshape(N * B, R),
+                              n_cached)
+        n_passes += 1
         q_dist = probabilities(scores, sampling).view(N, B, R, -1)
         q = q_dist.gather(3, tok_in_order[..., None])[..., 0]
         # 3. accept along each order while u < q/p; the first token of an order has q == p (module docstring)
@@ -341,10 +378,10 @@ def sample_burst(model: Model, prompt: list[int], n_new: int, batch_size: int, s
         seq.scatter_(1, order_pos[:, :m], order_tok[:, :m])
         generated_at.append(order_pos[:, :m])
         # 4. the kept order's first m scoring entries are the cache of the taken tokens: copy them to every order
-        keep_order_entries(caches, best, n_cached, m, N, B)
+        passes.keep(best, n_cached, m)
         n_cached += m
         last, last_pos, remaining = order_tok[:, m - 1], order_pos[:, m - 1], order_pos[:, m:]
-    return seq, torch.cat(generated_at, 1), passes
+    return seq, torch.cat(generated_at, 1), n_passes
 
 
 def keep_order_entries(caches, best: torch.Tensor, start: int, m: int, n_orders: int, batch_size: int) -> None:

@@ -1,0 +1,303 @@
+"""`bytedeploy bench`: generation speed of a checkpoint on every backend x batch size, in one run.
+
+For each backend and batch size: one untimed warm-up call (it also captures the native backend's CUDA graphs),
+then `repeats` timed calls; the row keeps the median. A row reports
+
+  latency_ms_per_token  seconds per decode step (a step makes one token, or byte, for every row of the batch)
+  latency_ms_per_patch  bGPT: seconds per generated patch (patch_size bytes per row)
+  tokens_per_s          new tokens of the whole batch per second (the throughput)
+  peak_gpu_memory_mb    torch.cuda.max_memory_allocated over the row's calls (reset per row; PyTorch's allocator
+                        only: ONNX Runtime and TensorRT allocate their own memory)
+  speedup_vs_eager_reference   tokens_per_s over eager-reference's at the same batch size, measured in this run.
+                        eager-reference generates the rows of a batch one after another, so its throughput does
+                        not grow with the batch: above --reference-max-batch it is not run and the speed-up uses
+                        its largest measured batch (speedup_basis says which)
+  matches_eager_reference / matches_eager   the outputs are identical (greedy decoding, the default)
+
+Backends: eager-reference, eager, burst (sigma-GPT), native (runtimes/native.py), native+compile (bGPT: native with
+torch.compile inside the graphs), and on an exported bundle (--bundle) ort, ort-cuda, trt. A row that cannot run
+here is kept with status "skipped" and the reason; nothing crashes the run.
+
+bGPT also gets the bandwidth bound: the weight bytes one patch reads (the patch decoder once, the byte decoder and
+its LM head once per byte) divided by BANDWIDTH_BYTES_PER_S, against the measured time per patch at batch 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bytedeploy.errors import UserError
+from bytedeploy.generation import GenerateRequest, GenerateResult, generate_from_checkpoint
+from bytedeploy.sampling import SamplingConfig
+
+CHECKPOINT_BACKENDS = ("eager-reference", "eager", "burst", "native", "native+compile")
+BUNDLE_BACKENDS = ("ort", "ort-cuda", "trt")
+BANDWIDTH_BYTES_PER_S = 3.0e12  # H100 HBM3, the issue's round figure (3.35 TB/s peak on the SXM part)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BenchConfig:
+    backends: list[str] = field(default_factory=lambda: ["eager-reference", "eager", "native"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 64])
+    max_new: int = 256
+    prompt: bytes = b"import os\n"
+    repeats: int = 3
+    reference_max_batch: int = 8
+    bundle: str | None = None
+    device: str | None = None  # default: cuda when available
+    dtype: str = "float32"
+    options: dict = field(default_factory=dict)  # family request options (ext, n_steps, order, ...)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
+
+    def __post_init__(self):
+        unknown = [b for b in self.backends if b not in CHECKPOINT_BACKENDS + BUNDLE_BACKENDS]
+        if unknown or not self.backends:
+            raise UserError(f"unknown backend {unknown[0] if unknown else '(none)'}; choose from "
+                            f"{', '.join(CHECKPOINT_BACKENDS + BUNDLE_BACKENDS)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise UserError("--batch-sizes needs batch sizes >= 1")
+        if self.max_new < 1 or self.repeats < 1:
+            raise UserError("--max-new and --repeats must be >= 1")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+
+
+def machine_name() -> str:
+    from bytedeploy.benchmarks.family_speed import machine_name as name
+
+    return name()
+
+
+def run_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
+    """-> the result dict (rows, bandwidth, machine); writes nothing."""
+    from bytedeploy.checkpoint import load_model
+    from bytedeploy.registry import get_family
+
+    device = torch.device(bc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible here")
+    model, cfg, ckpt = load_model(checkpoint, device)
+    model = model.to(DTYPES[bc.dtype])
+    fam = get_family(ckpt.family)
+    options = {"assets": str(ckpt.assets), **bc.options}
+    result = {
+        "command": "bytedeploy bench", "checkpoint": str(checkpoint), "family": ckpt.family,
+        "machine": machine_name(), "device": str(device), "dtype": bc.dtype,
+        "parameters": sum(p.numel() for p in model.parameters()), "model_config": dataclasses.asdict(cfg),
+        "max_new": bc.max_new, "prompt": bc.prompt.decode("utf-8", errors="replace"), "repeats": bc.repeats,
+        "sampling": dataclasses.asdict(bc.sampling), "options": {k: v for k, v in bc.options.items()},
+        "bandwidth_bytes_per_s": BANDWIDTH_BYTES_PER_S, "rows": [],
+    }
+    bundle, bundle_error = None, "no --bundle given (ort / ort-cuda / trt run an exported bundle)"
+    if bc.bundle and any(b in BUNDLE_BACKENDS for b in bc.backends):
+        try:
+            from bytedeploy.exporters.bundle import load_bundle
+
+            bundle, bundle_error = load_bundle(bc.bundle), ""
+        except Exception as e:  # a broken or missing bundle skips its rows, it does not end the run
+            bundle_error = f"cannot load the bundle {bc.bundle}: {one_line(e)}"
+    for batch_size in bc.batch_sizes:
+        for backend in bc.backends:
+            row = {"backend": backend, "batch_size": batch_size}
+            reason = skip_reason(fam, ckpt.family, backend, batch_size, bc, device, bundle_error)
+            if reason:
+                row.update(status="skipped", reason=reason)
+            else:
+                request = GenerateRequest(bc.prompt, bc.max_new, batch_size, bc.sampling, dict(options))
+                row.update(measure(lambda r, b=backend: call(fam, ckpt.family, model, cfg, bundle, b, r), request,
+                                   bc.repeats, device))
+            result["rows"].append(row)
+            echo(format_row(row))
+    add_derived(result, model, cfg, bc)
+    return result
+
+
+def skip_reason(fam, family: str, backend: str, batch_size: int, bc: BenchConfig, device, bundle_error: str) -> str:
+    if backend in BUNDLE_BACKENDS:
+        return bundle_error
+    if backend.startswith("native"):
+        if device.type != "cuda":
+            return "the native backend needs a CUDA GPU"
+        if backend == "native+compile" and family != "bgpt":
+            return "native+compile is implemented for bgpt"
+        return ""
+    if backend not in fam.BACKENDS:
+        return f"{family} has no backend {backend}"
+    if backend == "eager-reference" and batch_size > bc.reference_max_batch:
+        return (f"eager-reference runs the rows of a batch one after another; not run above batch "
+                f"{bc.reference_max_batch} (--reference-max-batch)")
+    return ""
+
+
+def call(fam, family: str, model, cfg, bundle, backend: str, request: GenerateRequest) -> GenerateResult:
+    if backend in BUNDLE_BACKENDS:
+        from bytedeploy.runtimes import generate as generate_on_bundle
+
+        return generate_on_bundle(bundle, request, backend)
+    return generate_from_checkpoint(model, cfg, family, request, backend)
+
+
+def measure(run, request: GenerateRequest, repeats: int, device) -> dict:
+    cuda = device.type == "cuda"
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        run(request)  # warm-up: lazy initialisation, graph capture
+        warmup_seconds = time.perf_counter() - t0
+        results = [run(request) for _ in range(repeats)]
+    except (Exception, SystemExit) as e:  # a backend missing here is a skipped row, never a crash
+        return {"status": "skipped", "reason": one_line(e)}
+    res = sorted(results, key=lambda r: r.seconds)[len(results) // 2]
+    steps = res.n_new / request.batch_size
+    row = {
+        "status": "ok", "unit": res.unit, "new": res.n_new, "seconds": res.seconds,
+        "seconds_all": [r.seconds for r in results], "warmup_seconds": warmup_seconds,
+        "latency_ms_per_token": 1e3 * res.seconds / max(steps, 1), "tokens_per_s": res.per_second,
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "outputs_sha": [hash_bytes(o) for o in res.outputs], "output_head": res.outputs[0][:60].decode(
+            "utf-8", errors="replace"),
+    }
+    if res.passes:
+        row["passes_per_token"] = res.passes / max(res.n_new, 1)
+    extra = {k: v for k, v in res.extra.items() if isinstance(v, (str, int, float, bool, list))}
+    if extra:
+        row["extra"] = extra
+    return row
+
+
+def add_derived(result: dict, model, cfg, bc: BenchConfig) -> None:
+    """Speed-ups and output agreement against eager-reference (and eager), bGPT's per-patch latency and bound."""
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    is_bgpt = result["family"] == "bgpt"
+    P = getattr(cfg, "patch_size", 0)
+    tail = len(bc.prompt) % P if is_bgpt and P and not bc.options.get("input") else 0
+    for row in rows:
+        if is_bgpt:
+            patches = row.get("extra", {}).get("patches") or math.ceil((row["new"] / row["batch_size"] + tail) / P)
+            row["patches"] = patches
+            row["latency_ms_per_patch"] = 1e3 * row["seconds"] / max(patches, 1)
+        for base in ("eager-reference", "eager"):
+            same = next((r for r in rows if r["backend"] == base and r["batch_size"] == row["batch_size"]), None)
+            if same is not None and row["backend"] != base:
+                row[f"matches_{base.replace('-', '_')}"] = same["outputs_sha"] == row["outputs_sha"]
+        refs = [r for r in rows if r["backend"] == "eager-reference"]
+        ref = next((r for r in refs if r["batch_size"] == row["batch_size"]), None)
+        if ref is None and refs:
+            ref = max(refs, key=lambda r: r["batch_size"])
+        if ref is not None:
+            row["speedup_vs_eager_reference"] = row["tokens_per_s"] / ref["tokens_per_s"]
+            row["speedup_basis"] = f"eager-reference at batch {ref['batch_size']}"
+    if is_bgpt:
+        from bytedeploy.plugins.patch_decode import weight_bytes_per_patch
+
+        weights = weight_bytes_per_patch(model)
+        bound = weights["patch"] / BANDWIDTH_BYTES_PER_S
+        result["bandwidth_bound"] = {
+            "weight_bytes_per_patch": weights["patch"], "weight_bytes_per_byte_step": weights["byte_decoder_step"],
+            "weight_bytes_per_patch_step": weights["patch_decoder_step"], "bound_ms_per_patch": 1e3 * bound,
+            "note": "weights only (KV-cache reads excluded); each row's fraction_of_bound = bound / measured",
+        }
+        for row in rows:
+            row["fraction_of_bandwidth_bound"] = bound / (row["latency_ms_per_patch"] * 1e-3)
+
+
+def parse_value(text: str):
+    """'3' -> 3, '0.5' -> 0.5, 'true'/'false' -> bool, anything else stays text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def hash_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def format_row(row: dict) -> str:
+    head = f"{row['backend']:>16} batch {row['batch_size']:>3}: "
+    if row["status"] != "ok":
+        return head + f"skipped ({row['reason']})"
+    mem = f", peak {row['peak_gpu_memory_mb']:.0f} MiB" if row.get("peak_gpu_memory_mb") is not None else ""
+    return head + (f"{row['tokens_per_s']:,.1f} {row['unit']}s/s, {row['latency_ms_per_token']:.3f} ms/step"
+                   f"{mem}")
+
+
+def summary_lines(result: dict) -> list[str]:
+    lines = [f"{result['family']} on {result['machine']} ({result['dtype']}):"]
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            continue
+        parts = [f"{row['tokens_per_s']:,.1f} {row['unit']}s/s", f"{row['latency_ms_per_token']:.3f} ms/{row['unit']}"]
+        if "latency_ms_per_patch" in row:
+            parts.append(f"{row['latency_ms_per_patch']:.3f} ms/patch")
+        if "speedup_vs_eager_reference" in row:
+            parts.append(f"{row['speedup_vs_eager_reference']:.1f}x eager-reference")
+        if "fraction_of_bandwidth_bound" in row:
+            parts.append(f"{100 * row['fraction_of_bandwidth_bound']:.1f}% of the bandwidth bound")
+        lines.append(f"  {row['backend']:>16} batch {row['batch_size']:>3}: " + ", ".join(parts))
+    return lines
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def write_plot(result: dict, path: str | Path) -> str:
+    """Throughput and speed-up per backend over the batch sizes; -> a note (what was written, or why not)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot not written: matplotlib is not installed (pip install matplotlib)"
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, (ax_rate, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for backend in backends:
+        mine = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["batch_size"])
+        xs = [r["batch_size"] for r in mine]
+        ax_rate.plot(xs, [r["tokens_per_s"] for r in mine], marker="o", label=backend)
+        speed = [(r["batch_size"], r["speedup_vs_eager_reference"]) for r in mine if "speedup_vs_eager_reference" in r]
+        if speed:
+            ax_speed.plot(*zip(*speed), marker="o", label=backend)
+    unit = rows[0]["unit"] if rows else "token"
+    for ax, label in ((ax_rate, f"{unit}s / s (whole batch)"), (ax_speed, "speed-up over eager-reference")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{result['family']} generation, {result['max_new']} new {unit}s, {result['dtype']}\n"
+                 f"{result['machine']}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"wrote {path}"

@@ -1,0 +1,102 @@
+"""Fused bGPT patch decoding: from a patch feature, the whole patch (16 bytes) on the GPU in one CUDA graph replay.
+
+The byte-level decoder runs one token per step over a static KV cache of patch_size slots: step 0 reads the patch
+feature at position 0, step i the byte drawn at step i - 1 at position i; each step's logits are drawn on the
+device (bytedeploy.sampling.sample: top-k, top-p, temperature, exponential race, a seeded CUDA Philox generator
+registered with the graph) with no host synchronisation. Forced bytes (a prompt's partial last patch) replace the
+draw at steps i < n_forced; a row that emitted 256 (end of content) keeps emitting 256, as in
+bgpt.generate_patch. The patch_size steps are captured as one graph, so a patch costs one replay.
+
+Greedy output equals bgpt.generate_patch (which prefills the feature and forced bytes in one pass; here every
+input is its own step: the same computation up to float rounding). Seeded sampling is reproducible but draws a
+different stream than eager: the draw happens at forced steps too (and is discarded), keeping the graph static.
+
+    decoder = PatchDecoder(model, batch_size, sampling, generator)   # captures
+    patch = decoder(feature, forced)                                   # (B, C), (B, k) -> (B, patch_size)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bytedeploy.runtimes.native import capture, gpt2_step
+from bytedeploy.sampling import SamplingConfig, make_generator, sample
+
+SPECIAL = 256  # bgpt.SPECIAL: end of content / padding
+
+
+class PatchDecoder:
+    """Static buffers: feature (B, C) in, forced (B, P) and n_forced () in, patch (B, P) out."""
+
+    def __init__(self, model, batch_size: int, sampling: SamplingConfig, generator: torch.Generator | None = None,
+                 use_graph: bool = True, compile: bool = False):
+        cfg = model.cfg
+        P, C = cfg.patch_size, cfg.n_embd
+        device, dtype = model.byte_wte.weight.device, model.byte_wte.weight.dtype
+        self.model, self.B, self.P, self.sampling = model, batch_size, P, sampling
+        self.generator = generator if generator is not None else make_generator(sampling.seed, device)
+        self.caches = model.byte_decoder.make_caches(batch_size, P)
+        self.feature = torch.zeros(batch_size, C, dtype=dtype, device=device)
+        self.forced = torch.zeros(batch_size, P, dtype=torch.long, device=device)
+        self.n_forced = torch.zeros((), dtype=torch.long, device=device)
+        self.patch = torch.full((batch_size, P), SPECIAL, dtype=torch.long, device=device)
+        # one slot tensor and mask row per step: constants of the graph (and stable inputs for torch.compile)
+        self.slots = [torch.full((1,), i, dtype=torch.long, device=device) for i in range(P)]
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        self.masks = [causal[i:i + 1].clone() for i in range(P)]
+        self.byte_step = self._byte_step
+        if compile:
+            self.byte_step = torch.compile(self._byte_step, dynamic=False)
+        self.graph = capture(self.decode, self.generator) if use_graph else None
+
+    def _byte_step(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One input (B, 1, C) at slot -> logits (B, 257)."""
+        h = gpt2_step(self.model.byte_decoder, x, self.caches, slot, mask)
+        return self.model.lm_head(h)[:, -1]
+
+    def decode(self) -> None:
+        """The whole patch into self.patch: patch_size byte steps, capturable (no host synchronisation)."""
+        model = self.model
+        x = self.feature[:, None]
+        seen = torch.zeros(self.B, dtype=torch.bool, device=x.device)
+        for i in range(self.P):
+            logits = self.byte_step(x, self.slots[i], self.masks[i])
+            token = sample(logits, self.sampling, self.generator)
+            token = torch.where(self.n_forced > i, self.forced[:, i], token)
+            token = token.masked_fill(seen, SPECIAL)
+            seen = seen | (token == SPECIAL)
+            self.patch[:, i].copy_(token)
+            if i + 1 < self.P:
+                x = model.byte_wte(token)[:, None]
+
+    def run(self) -> None:
+        if self.graph is None:
+            self.decode()
+        else:
+            self.graph.replay()
+
+    def __call__(self, feature: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
+        """feature (B, C), forced (B, k) bytes that begin the patch -> a copy of the patch (B, P)."""
+        k = 0 if forced is None else forced.size(1)
+        self.feature.copy_(feature)
+        if k:
+            self.forced[:, :k] = forced
+        self.n_forced.fill_(k)
+        self.run()
+        return self.patch.clone()
+
+
+def weight_bytes_per_patch(model) -> dict:
+    """Weight bytes one generated patch reads: the patch decoder's blocks once, the patch embedding's P rows, and the
+    byte decoder's blocks plus its LM head once per byte step (embeddings: the rows gathered)."""
+    cfg = model.cfg
+    P, C = cfg.patch_size, cfg.n_embd
+
+    def nbytes(module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    elt = model.byte_wte.weight.element_size()
+    patch_step = nbytes(model.patch_decoder.h) + nbytes(model.patch_decoder.ln_f) + (P * C + C) * elt + C * elt
+    byte_step = nbytes(model.byte_decoder.h) + nbytes(model.byte_decoder.ln_f) + model.lm_head.weight.numel() * elt \
+        + 2 * C * elt
+    return {"patch_decoder_step": patch_step, "byte_decoder_step": byte_step, "patch": patch_step + P * byte_step}

@@ -1,0 +1,112 @@
+"""Native loop of bGPT: one CUDA graph replay per patch.
+
+The graph holds the fused patch decode (bytedeploy.plugins.patch_decode.PatchDecoder.decode: the patch's byte
+steps) and then the patch decoder's step on the new patch, whose last hidden state is the next patch's feature.
+Rows that are done (emitted 256) get all-256 patches, as in bgpt.generate_cached. The host reads one flag per
+patch (all rows done?) and otherwise only launches replays. options["compile"] = True also runs both decoders'
+steps through torch.compile (fused elementwise kernels) inside the captured graph.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bytedeploy.errors import UserError
+from bytedeploy.generation import GenerateRequest, GenerateResult
+from bytedeploy.models import bgpt
+from bytedeploy.plugins.patch_decode import SPECIAL, PatchDecoder
+from bytedeploy.runtimes.native import cached_runner, capture, gpt2_step, sampling_key, step_mask, sync
+from bytedeploy.sampling import make_generator
+
+
+class BgptRunner:
+    """Static buffers: out (B, n_patches, P) generated patches; done (B,); pos (1,) the patch decoder's slot of the
+    next patch; index (1,) the next patch's row in out; plus the PatchDecoder's feature / forced / patch."""
+
+    def __init__(self, model, batch_size: int, sampling, compile: bool = False):
+        cfg = model.cfg
+        device = model.byte_wte.weight.device
+        N, P = cfg.n_patches, cfg.patch_size
+        self.model, self.N = model, N
+        self.generator = make_generator(sampling.seed, device)
+        self.decoder = PatchDecoder(model, batch_size, sampling, self.generator, use_graph=False, compile=compile)
+        self.caches = model.patch_decoder.make_caches(batch_size, N)
+        self.out = torch.full((batch_size, N, P), SPECIAL, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.all_done = torch.zeros((), dtype=torch.bool, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.positions = torch.arange(N, device=device)
+        self.patch_step = self._patch_step
+        if compile:
+            self.patch_step = torch.compile(self._patch_step, dynamic=False)
+        self.graph = capture(self.patch_then_step, self.generator)
+
+    def _patch_step(self, patch: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """The new patch (B, P) at the patch decoder's slot -> its feature (B, C)."""
+        embeds = self.model.embed_patches(patch[:, None])
+        return gpt2_step(self.model.patch_decoder, embeds, self.caches, slot, step_mask(self.positions, slot))[:, -1]
+
+    def patch_then_step(self) -> None:
+        self.decoder.decode()
+        patch = self.decoder.patch.masked_fill(self.done[:, None], SPECIAL)
+        self.out.index_copy_(1, self.index.clamp(max=self.N - 1), patch[:, None])
+        self.done.logical_or_((patch == SPECIAL).any(-1))
+        self.all_done.copy_(self.done.all())
+        # after the context's last patch the step is never used: clamping keeps the warm-up and it in bounds
+        self.decoder.feature.copy_(self.patch_step(patch, self.pos.clamp(max=self.N - 1)))
+        self.pos.add_(1)
+        self.index.add_(1)
+
+    def run(self, prompt, tail, max_patches: int, seed: int) -> tuple[torch.Tensor, int]:
+        """-> (generated patches (B, n, P) with the forced tail bytes still in front, n)."""
+        B = self.done.size(0)
+        device = self.done.device
+        self.generator.manual_seed(seed)
+        self.out.fill_(SPECIAL)
+        self.done.zero_()
+        self.index.zero_()
+        self.pos.fill_(len(prompt))
+        k = len(tail)
+        if k:
+            self.decoder.forced[:, :k] = torch.tensor(tail, dtype=torch.long, device=device)
+        self.decoder.n_forced.fill_(k)
+        x = torch.tensor(prompt, device=device)[None].expand(B, -1, -1)
+        self.decoder.feature.copy_(self.model.encode_patches(x, self.caches, 0)[:, -1])
+        n = 0
+        for j in range(max_patches):
+            self.graph.replay()
+            n = j + 1
+            if j == 0 and k:
+                self.decoder.n_forced.fill_(0)
+            if len(prompt) + j + 1 >= self.N or bool(self.all_done):  # the one host check per patch
+                break
+        return self.out[:, :n], n
+
+
+def generate(model, cfg, request: GenerateRequest) -> GenerateResult:
+    if cfg.task != "generate":
+        raise UserError("this checkpoint is a classifier; use 'bytedeploy eval' to classify files")
+    prompt, tail = bgpt.make_prompt(cfg, request)
+    if len(prompt) >= cfg.n_patches:
+        raise UserError(f"the prompt fills all {cfg.n_patches} patches; nothing is left to generate")
+    max_patches = cfg.n_patches - len(prompt)
+    if request.max_new:
+        max_patches = min(max_patches, -(-(request.max_new + len(tail)) // cfg.patch_size))
+    B, compile = request.batch_size, bool(request.options.get("compile", False))
+    sync()
+    t0 = time.perf_counter()
+    key = ("bgpt", B, sampling_key(request.sampling), compile)
+    runner = cached_runner(model, key, lambda: BgptRunner(model, B, request.sampling, compile))
+    patches, n = runner.run(prompt, tail, max_patches, request.sampling.seed)
+    rows = patches.reshape(B, -1)[:, len(tail):].cpu().numpy()
+    outs = [bgpt.patches_to_bytes(r) for r in rows]
+    sync()
+    seconds = time.perf_counter() - t0
+    if request.max_new:
+        outs = [o[:request.max_new] for o in outs]
+    return GenerateResult(outs, sum(len(o) for o in outs), seconds, bgpt.UNIT,
+                          extra={"patches": n, "captured": runner.captured_now, "graphs": ["patch"],
+                                 "compile": compile})

@@ -1,0 +1,75 @@
+"""`bytedeploy bench` on the CPU with a tiny checkpoint: JSON rows, skipped rows with reasons, speed-ups, plot."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bytedeploy.bench import BenchConfig, parse_value
+from bytedeploy.checkpoint import save_checkpoint
+from bytedeploy.cli import cli
+from bytedeploy.errors import UserError
+from bytedeploy.models import bgpt
+
+
+@pytest.fixture
+def tiny_bgpt(tmp_path):
+    cfg = bgpt.Config(patch_size=8, n_patches=12, n_embd=32, n_layer=2, n_head=4, byte_n_layer=2, byte_n_head=4)
+    torch.manual_seed(0)
+    model = bgpt.Model(cfg)
+    with torch.no_grad():  # logits far from ties: greedy eager and eager-reference agree exactly
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+        model.byte_wte.weight[bgpt.SPECIAL] *= 0.2
+    return save_checkpoint(tmp_path / "ckpt", model, "bgpt", cfg)
+
+
+def test_bench_cpu_writes_json_rows_and_plot(tiny_bgpt, tmp_path):
+    out, plot = tmp_path / "res" / "bench.json", tmp_path / "res" / "bench.png"
+    args = ["bench", str(tiny_bgpt), "--backends", "eager-reference,eager,native,ort", "--batch-sizes", "1,2",
+            "--max-new", "12", "--repeats", "1", "--reference-max-batch", "1", "--device", "cpu",
+            "--out", str(out), "--plot", str(plot)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["family"] == "bgpt" and data["machine"] and data["device"] == "cpu"
+    rows = {(r["backend"], r["batch_size"]): r for r in data["rows"]}
+    assert len(rows) == 8
+    for key in (("eager-reference", 1), ("eager", 1), ("eager", 2)):
+        row = rows[key]
+        assert row["status"] == "ok" and row["new"] == 12 * key[1] and row["tokens_per_s"] > 0
+        assert row["latency_ms_per_token"] > 0 and row["latency_ms_per_patch"] > 0 and row["patches"] == 2
+        assert row["speedup_vs_eager_reference"] > 0 and row["peak_gpu_memory_mb"] is None
+    assert rows[("eager-reference", 1)]["speedup_vs_eager_reference"] == 1.0
+    assert rows[("eager", 1)]["matches_eager_reference"] is True
+    assert rows[("eager", 2)]["speedup_basis"] == "eager-reference at batch 1"
+    assert rows[("eager-reference", 2)]["status"] == "skipped" and "reference-max-batch" in rows[
+        ("eager-reference", 2)]["reason"]
+    assert rows[("native", 1)]["reason"] == "the native backend needs a CUDA GPU"
+    assert "--bundle" in rows[("ort", 1)]["reason"]
+    assert data["bandwidth_bound"]["weight_bytes_per_patch"] > 0
+    assert "eager-reference" in result.output and "skipped" in result.output
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in result.output
+    else:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_bad_bundle_and_options_are_recorded_or_one_line_errors(tiny_bgpt, tmp_path):
+    out = tmp_path / "b.json"
+    args = ["bench", str(tiny_bgpt), "--backends", "eager,ort-cuda,trt", "--batch-sizes", "1", "--max-new", "4",
+            "--repeats", "1", "--device", "cpu", "--bundle", str(tmp_path / "missing"), "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "skipped", "skipped"]
+    assert all("cannot load the bundle" in r["reason"] for r in rows[1:])
+    bad = CliRunner().invoke(cli, ["bench", str(tiny_bgpt), "--backends", "warp-drive", "--device", "cpu"])
+    assert bad.exit_code == 1 and "unknown backend warp-drive" in bad.output
+    with pytest.raises(UserError):
+        BenchConfig(batch_sizes=[0])
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("true") is True
+    assert parse_value("py") == "py"

@@ -1,0 +1,187 @@
+"""The native GPU runtime (runtimes/native*.py) and the fused bGPT patch decode (plugins/patch_decode.py).
+
+GPU tests: greedy native output equals the eager backend's, family by family (float32; the models have weights
+large enough that logits are far from ties, so rounding-level differences between the masked full-cache attention
+and eager's prefix attention cannot flip an argmax); the fused patch decode equals bgpt.generate_patch; seeded
+sampling is reproducible. CPU test: asking for native without CUDA is a one-line UserError."""
+
+import numpy as np
+import pytest
+import torch
+
+from bytedeploy.errors import UserError
+from bytedeploy.generation import GenerateRequest
+from bytedeploy.models import bfn, bgpt, bitnet, char_gpt2
+from bytedeploy.models import sigma_gpt as sg
+from bytedeploy.runtimes import native
+from bytedeploy.sampling import SamplingConfig, make_generator
+from bytedeploy.tokenizers import CharTokenizer
+
+GREEDY = SamplingConfig(temperature=0.0)
+SAMPLED = SamplingConfig(top_k=20, top_p=0.9, temperature=0.8, seed=5)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def spread(model, std=0.5, seed=0):
+    """Redraw every weight from N(0, std), LayerNorm gains 1: logits far from ties."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def bgpt_model(device="cuda"):
+    cfg = bgpt.Config(patch_size=8, n_patches=12, n_embd=32, n_layer=2, n_head=4, byte_n_layer=2, byte_n_head=4)
+    model = spread(bgpt.Model(cfg))
+    with torch.no_grad():
+        model.byte_wte.weight[bgpt.SPECIAL] *= 0.2  # the end mark rarely wins: patches run to the end
+    return model.to(device), cfg
+
+
+def char_assets(tmp_path, text):
+    tok = CharTokenizer.from_text(text)
+    (tmp_path / char_gpt2.TOKENIZER_FILE).write_bytes(tok.to_json())
+    return tok, str(tmp_path)
+
+
+def test_native_without_cuda_is_a_one_line_error(monkeypatch):
+    model, cfg = bgpt_model("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="^the native backend needs a CUDA GPU$"):
+        native.generate(model, cfg, "bgpt", GenerateRequest(b"abc", 8))
+    with pytest.raises(UserError, match="no loop for family 'nope'"):
+        native.generate(model, cfg, "nope", GenerateRequest(b"abc", 8))
+
+
+@cuda
+def test_bgpt_native_greedy_equals_eager_and_reuses_its_graph():
+    model, cfg = bgpt_model()
+    for prompt, max_new in ((b"abc", 60), (b"12345678", 0), (b"", 20)):  # a forced tail, whole patches, empty
+        request = GenerateRequest(prompt, max_new, 3, GREEDY, {"ext": "py"})
+        eager = bgpt.generate(model, cfg, request, "eager")
+        first = native.generate(model, cfg, "bgpt", request)
+        again = native.generate(model, cfg, "bgpt", request)
+        assert first.outputs == eager.outputs and again.outputs == eager.outputs
+        assert first.n_new == eager.n_new > 0
+    assert again.extra["captured"] is False  # same batch and sampling: the captured graph was replayed
+
+
+@cuda
+def test_bgpt_files_that_end_early_stop_like_eager():
+    model, cfg = bgpt_model()
+    with torch.no_grad():  # the end mark's embedding along the final LayerNorm's bias: it wins after a few bytes
+        model.byte_wte.weight[bgpt.SPECIAL] = model.byte_decoder.ln_f.bias
+    for prompt in (b"hello wo", b"abc", b""):
+        request = GenerateRequest(prompt, 0, 2, GREEDY)
+        result = native.generate(model, cfg, "bgpt", request)
+        assert result.outputs == bgpt.generate(model, cfg, request).outputs
+        assert len(result.outputs[0]) < cfg.max_bytes - len(prompt)
+
+
+@cuda
+def test_fused_patch_decode_equals_generate_patch():
+    from bytedeploy.plugins.patch_decode import PatchDecoder
+
+    model, cfg = bgpt_model()
+    B = 4
+    feature = torch.randn(B, cfg.n_embd, device="cuda")
+    decoder = PatchDecoder(model, B, GREEDY)
+    for k in (0, 3):
+        forced = torch.randint(0, 256, (B, k), device="cuda")
+        caches = model.byte_decoder.make_caches(B, cfg.patch_size)
+        with torch.no_grad():
+            eager = bgpt.generate_patch(model, feature, forced, caches, GREEDY, make_generator(0, "cuda"))
+        assert torch.equal(decoder(feature, forced), eager)
+    # seeded sampling: the same seed gives the same patch, another seed another one
+    sampled = PatchDecoder(model, B, SAMPLED, make_generator(5, "cuda"))
+    patches = []
+    for seed in (5, 5, 6):
+        sampled.generator.manual_seed(seed)
+        patches.append(sampled(feature))
+    assert torch.equal(patches[0], patches[1]) and not torch.equal(patches[0], patches[2])
+
+
+@cuda
+def test_bgpt_seeded_sampling_is_reproducible():
+    model, cfg = bgpt_model()
+    outs = [native.generate(model, cfg, "bgpt", GenerateRequest(b"ab", 40, 2, SamplingConfig(
+        top_k=20, top_p=0.9, temperature=1.0, seed=seed))).outputs for seed in (1, 1, 2)]
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+    assert outs[0][0] != outs[0][1]  # the rows of a batch draw different bytes
+
+
+@cuda
+def test_char_gpt2_native_equals_eager_past_the_context(tmp_path):
+    tok, assets = char_assets(tmp_path, "abcdefghijk")
+    cfg = char_gpt2.Config(block_size=8, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=16)
+    model = spread(char_gpt2.Model(cfg)).cuda()
+    for prompt, max_new in ((b"abc", 30), (b"abcdefghijkabc", 5)):  # slides 25 times; a prompt past the context
+        request = GenerateRequest(prompt, max_new, 2, GREEDY, {"assets": assets})
+        eager = char_gpt2.generate(model, cfg, request, "eager")
+        assert native.generate(model, cfg, "char-gpt2", request).outputs == eager.outputs
+    sampled = [native.generate(model, cfg, "char-gpt2", GenerateRequest(b"abc", 30, 2, SAMPLED, {"assets": assets}))
+               for _ in range(2)]
+    assert sampled[0].outputs == sampled[1].outputs
+    assert all("\x00" not in o.decode() for o in sampled[0].outputs)
+
+
+@cuda
+@pytest.mark.parametrize("order", ["left-to-right", "random"])
+def test_sigma_gpt_native_equals_eager(tmp_path, order):
+    tok = CharTokenizer.from_text("def sample(x):\n    return x + 1\n")
+    (tmp_path / sg.TOKENIZER_FILE).write_bytes(tok.to_json())
+    cfg = sg.Config(vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    model = spread(sg.Model(cfg)).cuda()
+    request = GenerateRequest(b"def", 12, 2, GREEDY, {"assets": str(tmp_path), "order": order})
+    eager = sg.generate(model, cfg, request, "eager")
+    result = native.generate(model, cfg, "sigma-gpt", request)
+    assert result.outputs == eager.outputs and result.passes == eager.passes
+
+
+@cuda
+def test_bitnet_native_equals_eager_fp_and_integer_paths():
+    cfg = bitnet.Config(block_size=16, n_layer=2, n_head=2, n_embd=32, ffn_hidden=64)
+    torch.manual_seed(0)
+    model = bitnet.Model(cfg)
+    with torch.no_grad():
+        model.tok_emb.weight.normal_(0.0, 1.0)
+        model.lm_head.weight.normal_(0.0, 1.0)
+    model = model.cuda().eval()
+    request = GenerateRequest(b"hello", 30, 2, GREEDY, {"bitlinear": "fp"})  # 35 bytes: the window slides
+    fp = native.generate(model, cfg, "bitnet", request)
+    assert fp.outputs == bitnet.generate(model, cfg, request, "eager").outputs
+    assert fp.extra["bitlinear"].startswith("fp")
+    from bytedeploy.runtimes.native_bitnet import load_kernel
+
+    if load_kernel()[0] is None:
+        pytest.skip(load_kernel()[1])
+    kernel = native.generate(model, cfg, "bitnet", GenerateRequest(b"hello", 30, 2, GREEDY, {"bitlinear": "w2a8"}))
+    model.set_inference_int(True)
+    try:
+        assert kernel.outputs == bitnet.generate(model, cfg, request, "eager").outputs
+    finally:
+        model.set_inference_int(False)
+    assert kernel.extra["bitlinear"].startswith("w2a8")
+
+
+@cuda
+def test_bfn_native_step_graph_equals_eager():
+    from bytedeploy.runtimes.native_bfn import FlowRunner
+
+    cfg = bfn.Config(vocab_size=24, seq_len=10, n_layer=2, n_head=2, n_embd=16, time_dim=8, dropout=0.0, n_steps=15)
+    model = spread(bfn.Model(cfg), std=0.3).cuda()
+    ids = torch.tensor([3, 9, 14] + [0] * 7, device="cuda")
+    fixed = torch.arange(10, device="cuda") < 3
+    with torch.no_grad():
+        for sampling in (GREEDY, SamplingConfig(temperature=0.0, seed=1)):
+            eager = bfn.generate_eager(model, ids, fixed, 15, sampling, 2)
+            runner = FlowRunner(model, 2, 15, sampling)
+            assert torch.equal(runner.run(ids, fixed, sampling.seed), eager)
+        runner = FlowRunner(model, 2, 15, SAMPLED)
+        a, b = runner.run(ids, fixed, 5), runner.run(ids, fixed, 5)
+    assert torch.equal(a, b) and (a[:, :3] == ids[:3]).all()
+    assert len(set(np.unique(a[:, 3:].cpu().numpy()).tolist())) > 2
