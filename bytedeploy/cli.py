@@ -302,6 +302,7 @@ def generate(checkpoint, prompt, prompt_file, ext, input_path, target_ext, max_n
                             f"{' (and burst for sigma-gpt)' if family == 'sigma-gpt' else ''}; "
                             f"{backend!r} needs the checkpoint")
         run = lambda request: generate_on(bundle, request, runtime)  # noqa: E731
+        label = f"burst on {runtime}" if burst else runtime
     else:
         from bytedeploy.generation import checkpoint_backends, generate_from_checkpoint
 
@@ -311,7 +312,7 @@ def generate(checkpoint, prompt, prompt_file, ext, input_path, target_ext, max_n
         if backend not in available:
             raise UserError(f"{family} has no backend {backend!r}; available: {', '.join(available)}")
         run = lambda request: generate_from_checkpoint(model, cfg, family, request, backend)  # noqa: E731
-        burst = False
+        burst, label = False, backend
     options = {"input": input_path, "target_ext": target_ext, "assets": str(assets),
                **family_generate_options(family, backend, gen_order, n_orders, steps, infill)}
     if burst:
@@ -332,7 +333,7 @@ def generate(checkpoint, prompt, prompt_file, ext, input_path, target_ext, max_n
                 click.echo(f"--- sample {i} ---")
             click.echo(sample_bytes.decode("utf-8", errors="replace"))
     passes = f", {result.passes / max(result.n_new, 1):.3f} passes per {result.unit}" if result.passes else ""
-    click.echo(f"{backend}: {result.n_new} {result.unit}s in {result.seconds:.2f} s "
+    click.echo(f"{label}: {result.n_new} {result.unit}s in {result.seconds:.2f} s "
                f"({result.per_second:,.1f} {result.unit}s/s{passes})"
                + (f"; wrote {', '.join(map(str, out_paths))}" if out_paths else ""), err=True)
 

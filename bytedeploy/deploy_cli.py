@@ -19,13 +19,17 @@ from bytedeploy.verify import tolerance_help
               help="BitNet only: 'qdq' = standard ONNX ops (2-bit weights as INT2/INT4 initializers with "
                    "DequantizeLinear), any runtime loads it; 'plugin' = bytedeploy::BitLinear custom op carrying "
                    "packed 2-bit weights (TensorRT plugin, ONNX Runtime custom op). [default: qdq]")
+@click.option("--patch-decode", type=click.Choice(["plugin"]), default=None,
+              help="bGPT only: 'plugin' = also export patch_decode_fused, one bytedeploy::BytePatchDecode node that "
+                   "decodes a whole patch (greedy) in the TensorRT plugin; the trt backend then makes one call per "
+                   "patch. [default: none, byte_step per byte]")
 @click.option("--opset", type=int, default=None, help="ONNX opset (18 or newer) [default: 18].")
 @click.option("--force", is_flag=True, help="Replace an existing bundle in --out.")
-def export(checkpoint, out, precision, bitlinear, opset, force):
+def export(checkpoint, out, precision, bitlinear, patch_decode, opset, force):
     """Export CHECKPOINT as a deployment bundle: ONNX graphs, tokenizer files and bundle.json."""
     from bytedeploy.exporters import export as export_bundle
 
-    bundle = export_bundle(checkpoint, out, precision, bitlinear, opset, force)
+    bundle = export_bundle(checkpoint, out, precision, bitlinear, opset, force, patch_decode)
     click.echo(f"wrote {out}: {bundle.family}, {len(bundle.graphs)} graphs ({', '.join(bundle.graphs)}), "
                f"{bundle.precision}, opset {bundle.opset}")
 
@@ -72,7 +76,7 @@ def build(bundle, out, precision, max_batch, max_len, timing_cache, force):
     """Build TensorRT engines from the BUNDLE's graphs, with optimization profiles from its config.
 
     Uses the `tensorrt` module when importable, else `tensorrt_rtx` (ahead-of-time build without a GPU; no plugin
-    layers, so plugin-mode BitNet bundles are refused under it)."""
+    layers, so bundles exported with --bitlinear plugin or --patch-decode plugin are refused under it)."""
     from bytedeploy.exporters.trt_build import build_engines
 
     build_engines(bundle, out, precision, max_batch, max_len, timing_cache, force)

@@ -35,12 +35,12 @@ def family_names() -> list[str]:
     return list(FAMILIES)
 
 
+def family_module(modules: dict[str, str], family: str, unknown: str) -> ModuleType:
+    """modules[family] imported (a family's model, exporter or runtime loop); UserError(unknown) without one."""
+    if family not in modules:
+        raise UserError(unknown)
+    return importlib.import_module(modules[family])
+
+
 def get_family(name: str) -> ModuleType:
-    if name not in FAMILIES:
-        raise UserError(f"unknown model family {name!r}; known: {', '.join(family_names())}")
-    try:
-        return importlib.import_module(FAMILIES[name])
-    except ModuleNotFoundError as e:
-        if e.name != FAMILIES[name]:
-            raise
-        raise UserError(f"model family {name!r} is not available in this build") from None
+    return family_module(FAMILIES, name, f"unknown model family {name!r}; known: {', '.join(family_names())}")

@@ -11,11 +11,11 @@ loop needs (stored as bundle.json "extra").
 
 from __future__ import annotations
 
-import importlib
 import shutil
 from pathlib import Path
 
 from bytedeploy.errors import UserError
+from bytedeploy.registry import family_module
 
 EXPORTERS = {
     "bgpt": "bytedeploy.exporters.bgpt",
@@ -27,19 +27,13 @@ EXPORTERS = {
 
 
 def family_exporter(family: str):
-    if family not in EXPORTERS:
-        raise UserError(f"no exporter for family {family!r}")
-    try:
-        return importlib.import_module(EXPORTERS[family])
-    except ModuleNotFoundError as e:
-        if e.name != EXPORTERS[family]:
-            raise
-        raise UserError(f"exporting {family} is not implemented in this build") from None
+    return family_module(EXPORTERS, family, f"no exporter for family {family!r}")
 
 
 def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", bitlinear: str | None = None,
-           opset: int | None = None, force: bool = False):
-    """Write the bundle for checkpoint into out (atomically); returns the Bundle."""
+           opset: int | None = None, force: bool = False, patch_decode: str | None = None):
+    """Write the bundle for checkpoint into out (atomically); returns the Bundle. patch_decode "plugin" (bGPT only)
+    adds the patch_decode_fused graph (exporters/bgpt.py)."""
     import torch
 
     from bytedeploy.checkpoint import load_model
@@ -55,13 +49,16 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", bit
     exporter = family_exporter(ckpt.family)
     if bitlinear is not None and ckpt.family != "bitnet":
         raise UserError(f"--bitlinear applies to bitnet checkpoints; this one is {ckpt.family}")
+    if patch_decode is not None and ckpt.family != "bgpt":
+        raise UserError(f"--patch-decode applies to bgpt checkpoints; this one is {ckpt.family}")
+    options = {} if patch_decode is None else {"patch_decode": patch_decode}  # only bgpt's exporter takes it
     if precision == "fp16":
         model = model.half()
     with StagedBundle(out, force) as folder:
         if ckpt.assets.is_dir():
             shutil.copytree(ckpt.assets, folder / "assets")
         with torch.no_grad():
-            graphs, extra = exporter.export_graphs(model, cfg, folder, precision, bitlinear, opset)
+            graphs, extra = exporter.export_graphs(model, cfg, folder, precision, bitlinear, opset, **options)
         # A family may raise the opset (BitNet qdq: INT4 DequantizeLinear needs 21) and resolve the bitlinear default.
         opset, bitlinear = extra.pop("opset", opset), extra.pop("bitlinear", bitlinear)
         bundle = write_manifest(folder, ckpt.family, config_to_dict(cfg), graphs, opset, precision, bitlinear, extra)

@@ -8,6 +8,14 @@
                    more byte), bytes (B, K) int64, positions (F+K,), past_k / past_v of the byte decoder
                    -> logits (B, 257) of the last position, present_k / present_v
 
+With --patch-decode plugin, a fourth graph:
+
+    patch_decode_fused  feature (B, C), forced (B, P) int32 (the first n_forced bytes of the patch), n_forced (1,)
+                        int32 -> patch (B, P) int32: one bytedeploy::BytePatchDecode node (the TensorRT plugin of
+                        plugins/trt_plugins.py) that decodes the whole patch, its byte decoder weights and sampling
+                        settings (FUSED_SAMPLING: greedy) in the node's attributes. Runtimes other than TensorRT
+                        keep using byte_step (ONNX Runtime has no implementation of the op).
+
 Positions are inputs (learned position embeddings through GPT2Stack's pos_emb) and the causal mask is built from
 tensors (onnx_graphs.attention_mask), so nothing in the graphs depends on a Python int taken from a traced shape.
 The feature output has the shape the byte_step input wants, so a runtime passes it on as a device value.
@@ -15,20 +23,37 @@ The feature output has the shape the byte_step input wants, so a runtime passes 
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
 
 from bytedeploy.errors import UserError
-from bytedeploy.exporters.onnx_graphs import attention_mask, export_graph, layer_caches, prefill_caches, stacked
+from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS, GraphSpec, TensorSpec
+from bytedeploy.exporters.onnx_graphs import (
+    attention_mask,
+    check_exported,
+    export_graph,
+    layer_caches,
+    prefill_caches,
+    stacked,
+)
 from bytedeploy.models.bgpt import N_SYMBOLS, Model
+from bytedeploy.plugins.patch_decode import plugin_fields_of
+from bytedeploy.sampling import SamplingConfig
 from bytedeploy.verify import VerifyCase
 
 CACHE_AXES = {1: "batch", 3: "past"}
 PRESENT_AXES = {1: "batch", 3: "present"}
 N_FORCED = 3  # forced bytes in the verify cases' first byte_step call (a prompt's partial last patch)
+PATCH_DECODE_MODES = ("plugin",)
+FUSED = "patch_decode_fused"
+FUSED_OP = "BytePatchDecode"
+FUSED_SAMPLING = SamplingConfig(temperature=0.0)  # baked into the node; runtimes use it for matching requests only
 
 
 class PatchPrefill(nn.Module):
@@ -83,8 +108,11 @@ def check_generative(cfg) -> None:
         raise UserError("exporting a bGPT classifier is not supported; export a generative (task=generate) bGPT")
 
 
-def export_graphs(model: Model, cfg, folder: Path, precision: str, bitlinear, opset: int):
+def export_graphs(model: Model, cfg, folder: Path, precision: str, bitlinear, opset: int,
+                  patch_decode: str | None = None):
     check_generative(cfg)
+    if patch_decode is not None and patch_decode not in PATCH_DECODE_MODES:
+        raise UserError(f"unknown --patch-decode {patch_decode!r}; choose {', '.join(PATCH_DECODE_MODES)}")
     B, N, P = 2, 3, cfg.patch_size
     g = torch.Generator().manual_seed(0)
     patches = torch.randint(0, N_SYMBOLS, (B, N, P), generator=g)
@@ -111,7 +139,38 @@ def export_graphs(model: Model, cfg, folder: Path, precision: str, bitlinear, op
         {"feature": {0: "batch", 1: "n_feature"}, "bytes": {0: "batch", 1: "n_bytes"}, "positions": {0: "new"},
          "past_k": CACHE_AXES, "past_v": CACHE_AXES, "logits": {0: "batch"},
          "present_k": PRESENT_AXES, "present_v": PRESENT_AXES}, opset))
-    return graphs, {}
+    if patch_decode is None:
+        return graphs, {}
+    graphs.append(export_fused_patch_decode(model, folder, opset))
+    return graphs, {"patch_decode": patch_decode, "patch_decode_sampling": asdict(FUSED_SAMPLING)}
+
+
+def export_fused_patch_decode(model: Model, folder: Path, opset: int) -> GraphSpec:
+    """The patch_decode_fused graph, written with onnx.helper: one node, nothing to trace."""
+    cfg = model.cfg
+    P, C = cfg.patch_size, cfg.n_embd
+    float_type = TensorProto.FLOAT16 if model.byte_wte.weight.dtype == torch.float16 else TensorProto.FLOAT
+    attrs = {name: numpy_helper.from_array(a, name) if name == "weights" else a[0].item()
+             for name, a in plugin_fields_of(model, FUSED_SAMPLING).items()}
+    # plugin_namespace / plugin_version: how TensorRT's ONNX parser finds the plugin (its default namespace is "")
+    node = helper.make_node(FUSED_OP, ["feature", "forced", "n_forced"], ["patch"], name="byte_patch_decode",
+                            domain=CUSTOM_DOMAIN, plugin_namespace=CUSTOM_DOMAIN,
+                            plugin_version=str(CUSTOM_OPS[FUSED_OP]), **attrs)
+    inputs = [helper.make_tensor_value_info("feature", float_type, ["batch", C]),
+              helper.make_tensor_value_info("forced", TensorProto.INT32, ["batch", P]),
+              helper.make_tensor_value_info("n_forced", TensorProto.INT32, [1])]
+    outputs = [helper.make_tensor_value_info("patch", TensorProto.INT32, ["batch", P])]
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_OPS[FUSED_OP])]
+    model_proto = helper.make_model(helper.make_graph([node], FUSED, inputs, outputs), opset_imports=opsets,
+                                    ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+    rel = f"onnx/{FUSED}.onnx"
+    (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model_proto, str(folder / rel))
+    custom = check_exported(folder / rel, FUSED, model_proto)
+    float_name = "float16" if float_type == TensorProto.FLOAT16 else "float32"
+    return GraphSpec(FUSED, rel, [TensorSpec("feature", ["batch", C], float_name),
+                                  TensorSpec("forced", ["batch", P], "int32"), TensorSpec("n_forced", [1], "int32")],
+                     [TensorSpec("patch", ["batch", P], "int32")], custom)
 
 
 # ----------------------------------------------------------------------------------------------- verify

@@ -46,17 +46,22 @@ def export_graph(module: torch.nn.Module, name: str, args: tuple, folder: Path, 
     model = onnx.load(str(path), load_external_data=False)
     if sum(t.ByteSize() for t in model.graph.initializer) >= TWO_GB:  # pragma: no cover - only for huge models
         onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location=f"{name}.onnx.data")
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise UserError(f"exported graph {name} fails the ONNX checker: {str(e).splitlines()[0]}") from None
-    check_graph_opset_and_ops(path, model)
-    custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain == CUSTOM_DOMAIN})
+    custom = check_exported(path, name, model)
     return GraphSpec(
         name, rel,
         [tensor_spec(n, a, dynamic_axes.get(n, {})) for n, a in zip(input_names, args)],
         [tensor_spec(n, o, dynamic_axes.get(n, {})) for n, o in zip(output_names, outputs)],
         custom)
+
+
+def check_exported(path: Path, name: str, model: onnx.ModelProto) -> list[str]:
+    """The full ONNX checker and the bundle's rules on a written graph; -> its bytedeploy custom ops."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise UserError(f"exported graph {name} fails the ONNX checker: {str(e).splitlines()[0]}") from None
+    check_graph_opset_and_ops(path, model)
+    return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain == CUSTOM_DOMAIN})
 
 
 class ConcatCache:

@@ -322,8 +322,10 @@ def make_builder(bundle: Bundle, out: Path, precision: str, timing_cache) -> Bui
     if module == "tensorrt_rtx":
         for spec in bundle.graphs.values():
             if spec.custom_ops:
+                hint = "export without --patch-decode" if spec.name == "patch_decode_fused" else \
+                    "export with --bitlinear qdq"
                 raise UserError(f"graph {spec.name!r} uses {', '.join(spec.custom_ops)}: TensorRT-RTX has no plugin "
-                                "layers; export with --bitlinear qdq, or build with full TensorRT on a GPU machine")
+                                f"layers; {hint}, or build with full TensorRT on a GPU machine")
         return Builder(trt, module, RTX_COMPUTE_CAPABILITY, precision, None)
     compute_capability = cuda_compute_capability()
     if compute_capability is None:

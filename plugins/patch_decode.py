@@ -13,16 +13,86 @@ different stream than eager: the draw happens at forced steps too (and is discar
 
     decoder = PatchDecoder(model, batch_size, sampling, generator)   # captures
     patch = decoder(feature, forced)                                   # (B, C), (B, k) -> (B, patch_size)
+
+``ByteDecoder`` is the byte-level decoder alone (what PatchDecoder reads of a bgpt.Model), and
+``byte_decoder_weights`` / ``byte_decoder_from_weights`` turn it into one flat float32 vector and back: how the
+BytePatchDecode TensorRT plugin (plugins/trt_plugins.py) carries the weights as one plugin field.
 """
 
 from __future__ import annotations
 
-import torch
+from types import SimpleNamespace
 
+import numpy as np
+import torch
+import torch.nn as nn
+
+from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig
 from bytedeploy.runtimes.native import capture, gpt2_step
 from bytedeploy.sampling import SamplingConfig, make_generator, sample
 
 SPECIAL = 256  # bgpt.SPECIAL: end of content / padding
+N_SYMBOLS = 257  # bgpt.N_SYMBOLS
+
+
+class ByteDecoder(nn.Module):
+    """bgpt.Model's byte-level decoder, same parameter names: byte_wte, byte_decoder (positions 0..P), lm_head tied
+    to byte_wte. Its parameters() order is the flat weight layout: byte_wte.weight, byte_decoder.wpe.weight, then
+    per block h.i: ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj (weight, bias each), then
+    byte_decoder.ln_f (weight, bias); lm_head.weight is byte_wte.weight, stored once."""
+
+    def __init__(self, patch_size: int, n_embd: int, n_layer: int, n_head: int):
+        super().__init__()
+        self.cfg = SimpleNamespace(patch_size=patch_size, n_embd=n_embd, byte_n_layer=n_layer, byte_n_head=n_head)
+        self.byte_wte = nn.Embedding(N_SYMBOLS, n_embd)
+        self.byte_decoder = GPT2Stack(GPT2StackConfig(n_layer, n_head, n_embd, patch_size + 1))
+        self.lm_head = nn.Linear(n_embd, N_SYMBOLS, bias=False)
+        self.lm_head.weight = self.byte_wte.weight
+
+
+# The BytePatchDecode plugin's fields, name -> dtype (the exporter writes them as the ONNX node's attributes:
+# int32 -> INT, float32 -> FLOAT, weights -> a 1-D float32 TENSOR). One flat weights field rather than one per
+# tensor: TensorRT's ONNX parser passes only the attributes the creator lists, and that list cannot depend on
+# the number of layers.
+PLUGIN_FIELDS = {"patch_size": np.int32, "n_embd": np.int32, "byte_n_layer": np.int32, "byte_n_head": np.int32,
+                 "top_k": np.int32, "top_p": np.float32, "temperature": np.float32, "seed": np.int32,
+                 "weights": np.float32}
+
+
+def plugin_fields_of(model, sampling: SamplingConfig) -> dict[str, np.ndarray]:
+    """A bgpt.Model's byte decoder and the sampling settings -> the BytePatchDecode fields (1-D arrays)."""
+    cfg = model.cfg
+    values = {"patch_size": cfg.patch_size, "n_embd": cfg.n_embd, "byte_n_layer": cfg.byte_n_layer,
+              "byte_n_head": cfg.byte_n_head, "top_k": sampling.top_k, "top_p": sampling.top_p,
+              "temperature": sampling.temperature, "seed": sampling.seed}
+    fields = {name: np.array([v], dtype=PLUGIN_FIELDS[name]) for name, v in values.items()}
+    fields["weights"] = byte_decoder_weights(model)
+    return fields
+
+
+def byte_decoder_weights(model) -> np.ndarray:
+    """A bgpt.Model (or ByteDecoder) -> its byte decoder's parameters as one float32 vector (ByteDecoder's layout)."""
+    cfg = model.cfg
+    with torch.device("meta"):  # only the names and order
+        names = [n for n, _ in ByteDecoder(cfg.patch_size, cfg.n_embd, cfg.byte_n_layer, cfg.byte_n_head)
+                 .named_parameters()]
+    params = dict(model.named_parameters())
+    return torch.cat([params[n].detach().float().reshape(-1).cpu() for n in names]).numpy()
+
+
+def byte_decoder_size(patch_size: int, n_embd: int, n_layer: int, n_head: int) -> int:
+    """Number of float32 values in the flat weight vector."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in ByteDecoder(patch_size, n_embd, n_layer, n_head).parameters())
+
+
+def byte_decoder_from_weights(patch_size: int, n_embd: int, n_layer: int, n_head: int, weights: np.ndarray,
+                              device="cpu", dtype=torch.float32) -> ByteDecoder:
+    """The inverse of byte_decoder_weights: an eval-mode ByteDecoder on device in dtype, without gradients."""
+    module = ByteDecoder(patch_size, n_embd, n_layer, n_head)
+    flat = torch.tensor(np.asarray(weights, dtype=np.float32))  # a copy: the module never aliases the field
+    nn.utils.vector_to_parameters(flat, module.parameters())
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 class PatchDecoder:

@@ -17,6 +17,19 @@ Python classes with the same methods: ``enqueue`` then still runs the kernel on 
 objects that have ``dims``, ``type.name`` and ``format.name``, which is how GPU machines without TensorRT test it.
 Data types and formats are compared by name ("FLOAT", "HALF", "UINT8", "LINEAR") for that reason.
 
+``BytePatchDecode`` (namespace "bytedeploy", version "1"): one whole bGPT patch from its feature, the byte-level
+decoder's patch_size steps with on-device sampling (plugins/patch_decode.PatchDecoder). Inputs feature float32 /
+float16 (B, n_embd), forced int32 (B, patch_size) (the first n_forced bytes of the patch, the rest ignored),
+n_forced int32 (1,); output patch int32 (B, patch_size), bytes 0..255 and 256 = end (a row keeps 256 after its
+first). Fields (plugins/patch_decode.PLUGIN_FIELDS): patch_size, n_embd, byte_n_layer, byte_n_head, top_k, seed
+(INT32), top_p, temperature (FLOAT32), weights (FLOAT32, the byte decoder's parameters flattened in ByteDecoder's
+parameters() order). The first enqueue rebuilds the byte decoder on the GPU in the feature's dtype (cached on the
+plugin, as is one PatchDecoder per batch size) and runs the patch's steps as plain kernels on TensorRT's stream:
+no CUDA graph capture inside enqueue, which would synchronize the device, and fail when the application itself
+captures TensorRT's stream into a graph (then these kernels simply become part of that graph). Sampling draws from
+one CUDA generator per plugin, seeded with the seed field when the plugin is created (attach_to_context gives each
+execution context a fresh one): a fresh plugin repeats its draws, later calls continue the stream.
+
 Not verified here (TensorRT cannot run engines on these machines): that a TensorRT builder accepts the plugin
 inside a real network and that an engine calls it. What the tests check is every method, called directly.
 """
@@ -30,6 +43,8 @@ import torch
 
 from bytedeploy.errors import UserError
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS
+from bytedeploy.plugins.patch_decode import PLUGIN_FIELDS, PatchDecoder, byte_decoder_from_weights, byte_decoder_size
+from bytedeploy.sampling import SamplingConfig, make_generator
 
 try:
     import tensorrt as trt
@@ -41,9 +56,12 @@ except ImportError:
 
 BITLINEAR = "BitLinear"
 BITLINEAR_VERSION = str(CUSTOM_OPS[BITLINEAR])
+PATCH_DECODE = "BytePatchDecode"
+PATCH_DECODE_VERSION = str(CUSTOM_OPS[PATCH_DECODE])
 
-TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "UINT8": torch.uint8}
-ARRAY_TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.uint8: "|u1"}
+TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "UINT8": torch.uint8, "INT32": torch.int32}
+ARRAY_TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.uint8: "|u1", torch.int32: "<i4"}
+FIELD_TYPES = {"int32": "INT32", "float32": "FLOAT32"}  # numpy dtype -> PluginFieldType
 
 if trt is not None:
     PLUGIN_BASES = (trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime)
@@ -57,12 +75,24 @@ def int_fields(**ints: int) -> dict[str, np.ndarray]:
 
 
 def plugin_fields(arrays: dict[str, np.ndarray]):
-    """INT32 plugin fields over `arrays` (see int_fields): a trt.PluginFieldCollection, or without TensorRT records
-    with the same name/data. A PluginField keeps only a pointer to its array: keep `arrays` alive with it."""
+    """INT32 / FLOAT32 plugin fields over int32 / float32 `arrays` (see int_fields): a trt.PluginFieldCollection, or
+    without TensorRT records with the same name/data. A PluginField keeps only a pointer to its array: keep `arrays`
+    alive with it."""
     if trt is None:
         return [SimpleNamespace(name=name, data=data) for name, data in arrays.items()]
-    return trt.PluginFieldCollection([trt.PluginField(name, data, trt.PluginFieldType.INT32)
-                                      for name, data in arrays.items()])
+    return trt.PluginFieldCollection([
+        trt.PluginField(name, data, getattr(trt.PluginFieldType, FIELD_TYPES[data.dtype.name]))
+        for name, data in arrays.items()])
+
+
+def read_fields(fields) -> dict[str, np.ndarray]:
+    """{name: a 1-D copy of its data} of a field collection (TensorRT owns the data only during create_plugin)."""
+    return {f.name: np.array(f.data, copy=True).reshape(-1) for f in fields}
+
+
+def data_type(name: str):
+    """TensorRT's DataType of that name, or a stand-in with the name without TensorRT."""
+    return SimpleNamespace(name=name) if trt is None else getattr(trt.DataType, name)
 
 
 def read_int_fields(fields) -> dict[str, int]:
@@ -193,7 +223,146 @@ class BitLinearPluginCreator(*CREATOR_BASES):
         return BitLinearPlugin(fields["in_features"], fields["out_features"])
 
 
-CREATORS = (BitLinearPluginCreator,)
+class BytePatchDecodePlugin(*PLUGIN_BASES):
+    """bytedeploy::BytePatchDecode: patch (B, P) int32 = a bGPT patch decoded from feature (B, C) (module docstring)."""
+
+    def __init__(self, fields: dict[str, np.ndarray]):
+        for base in PLUGIN_BASES:
+            if base is not object:
+                base.__init__(self)
+        self.fields = {name: np.asarray(fields[name], dtype=dtype).reshape(-1) for name, dtype in PLUGIN_FIELDS.items()}
+        ints = {name: int(a[0]) for name, a in self.fields.items() if a.dtype == np.int32}
+        self.patch_size, self.n_embd = ints["patch_size"], ints["n_embd"]
+        self.n_layer, self.n_head = ints["byte_n_layer"], ints["byte_n_head"]
+        if min(self.patch_size, self.n_embd, self.n_layer, self.n_head) < 1 or self.n_embd % self.n_head:
+            raise ValueError(f"BytePatchDecode plugin: bad byte decoder config patch_size {self.patch_size}, n_embd "
+                             f"{self.n_embd}, byte_n_layer {self.n_layer}, byte_n_head {self.n_head}")
+        size = byte_decoder_size(self.patch_size, self.n_embd, self.n_layer, self.n_head)
+        if self.fields["weights"].size != size:
+            raise ValueError(f"BytePatchDecode plugin: weights has {self.fields['weights'].size} values, the byte "
+                             f"decoder of this config has {size}")
+        self.sampling = SamplingConfig(ints["top_k"], float(self.fields["top_p"][0]),
+                                       float(self.fields["temperature"][0]), ints["seed"])
+        self.plugin_name, self.plugin_namespace, self.plugin_version = PATCH_DECODE, CUSTOM_DOMAIN, PATCH_DECODE_VERSION
+        self.num_outputs = 1
+        self.timing_cache_id = ""
+        self.modules, self.decoders, self.generators = {}, {}, {}  # built on first use, see decoder()
+
+    # ---- IPluginV3 / core
+
+    def get_capability_interface(self, capability_type):
+        return self
+
+    def clone(self) -> BytePatchDecodePlugin:
+        return BytePatchDecodePlugin(self.fields)
+
+    # ---- build
+
+    def get_output_data_types(self, input_types):
+        return [data_type("INT32")]
+
+    def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+        """patch's dims: feature's (symbolic) batch, then the constant patch_size."""
+        feature = inputs[0]
+        return [type(feature)([feature[0], expr_builder.constant(self.patch_size)])]
+
+    def supports_format_combination(self, pos: int, in_out, num_inputs: int) -> bool:
+        desc = in_out[pos].desc
+        if desc.format.name != "LINEAR":
+            return False
+        if pos == 0:
+            return desc.type.name in ("FLOAT", "HALF")
+        return desc.type.name == "INT32"  # forced, n_forced, patch
+
+    def configure_plugin(self, inp, out) -> None:
+        self.check_dims([d.desc.dims for d in inp])
+
+    def get_workspace_size(self, inp, out) -> int:
+        return 0  # the decoder's buffers and temporaries come from torch's allocator
+
+    def get_valid_tactics(self):
+        return []
+
+    # ---- runtime
+
+    def on_shape_change(self, inp, out) -> None:
+        self.check_dims([d.dims for d in inp])
+
+    def set_tactic(self, tactic) -> None:
+        pass
+
+    def attach_to_context(self, resource_context) -> BytePatchDecodePlugin:
+        return self.clone()
+
+    def get_fields_to_serialize(self):
+        return plugin_fields(self.fields)
+
+    def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> None:
+        feature, forced, n_forced = (device_tensor(p, d) for p, d in zip(inputs, input_desc))
+        patch = device_tensor(outputs[0], output_desc[0])
+        with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
+            self.decode(feature, forced, n_forced, patch)
+
+    # ---- the computation, on torch tensors
+
+    @torch.no_grad()
+    def decode(self, feature, forced, n_forced, patch) -> None:
+        """feature (B, C), forced (B, P), n_forced (1,) -> patch (B, P), written in place; tensors of one device
+        (enqueue passes TensorRT's buffers; on the CPU this is the reference the tests compare with)."""
+        decoder = self.decoder(feature.size(0), feature.device, feature.dtype)
+        decoder.feature.copy_(feature)
+        decoder.forced.copy_(forced)
+        decoder.n_forced.copy_(n_forced.reshape(()))
+        decoder.run()
+        patch.copy_(decoder.patch)
+
+    def decoder(self, batch_size: int, device, dtype) -> PatchDecoder:
+        """The PatchDecoder for this batch size: the byte decoder rebuilt once per device and dtype from the weights
+        field, one generator per device (seeded once, shared by every batch size)."""
+        key = (device, dtype)
+        if key not in self.modules:
+            self.modules[key] = byte_decoder_from_weights(self.patch_size, self.n_embd, self.n_layer, self.n_head,
+                                                          self.fields["weights"], device, dtype)
+        if device not in self.generators:
+            self.generators[device] = make_generator(self.sampling.seed, device)
+        if (key, batch_size) not in self.decoders:
+            self.decoders[key, batch_size] = PatchDecoder(self.modules[key], batch_size, self.sampling,
+                                                          self.generators[device], use_graph=False)
+        return self.decoders[key, batch_size]
+
+    # ---- helpers
+
+    def check_dims(self, dims) -> None:
+        """Raise on input dims that contradict the fields; -1 (not known at build time) passes."""
+        feature, forced, n_forced = (tuple(int(v) for v in d) for d in dims)
+        checks = (("feature", feature, (-1, self.n_embd)), ("forced", forced, (-1, self.patch_size)),
+                  ("n_forced", n_forced, (1,)))
+        for name, got, expected in checks:
+            if len(got) != len(expected) or any(g not in (e, -1) for g, e in zip(got, expected) if e != -1):
+                raise ValueError(f"BytePatchDecode plugin (patch_size {self.patch_size}, n_embd {self.n_embd}): "
+                                 f"{name} is {got}, expected {expected} (-1: any batch)")
+        if -1 not in (feature[0], forced[0]) and feature[0] != forced[0]:
+            raise ValueError(f"BytePatchDecode plugin: feature batch {feature[0]} != forced batch {forced[0]}")
+
+
+class BytePatchDecodePluginCreator(*CREATOR_BASES):
+    def __init__(self):
+        for base in CREATOR_BASES:
+            if base is not object:
+                base.__init__(self)
+        self.name, self.plugin_namespace, self.plugin_version = PATCH_DECODE, CUSTOM_DOMAIN, PATCH_DECODE_VERSION
+        self.field_arrays = {name: np.zeros(1, dtype=dtype) for name, dtype in PLUGIN_FIELDS.items()}
+        self.field_names = plugin_fields(self.field_arrays)
+
+    def create_plugin(self, name, field_collection, phase) -> BytePatchDecodePlugin:
+        fields = read_fields(field_collection)
+        missing = set(PLUGIN_FIELDS) - set(fields)
+        if missing:
+            raise ValueError(f"BytePatchDecode plugin {name!r}: missing fields {sorted(missing)}")
+        return BytePatchDecodePlugin(fields)
+
+
+CREATORS = (BitLinearPluginCreator, BytePatchDecodePluginCreator)
 _registered: list = []  # the registry keeps a pointer to each creator: keep the Python objects alive
 
 

@@ -12,9 +12,8 @@ written once against the runner interface and the shared bytedeploy.sampling mod
 
 from __future__ import annotations
 
-import importlib
-
 from bytedeploy.errors import UserError
+from bytedeploy.registry import family_module
 
 BACKENDS = ("ort", "ort-cuda", "trt")
 LOOPS = {
@@ -43,14 +42,7 @@ def make_runner(bundle, backend: str):
 
 
 def family_loop(family: str):
-    if family not in LOOPS:
-        raise UserError(f"no runtime loop for family {family!r}")
-    try:
-        return importlib.import_module(LOOPS[family])
-    except ModuleNotFoundError as e:
-        if e.name != LOOPS[family]:
-            raise
-        raise UserError(f"running {family} bundles is not implemented in this build") from None
+    return family_module(LOOPS, family, f"no runtime loop for family {family!r}")
 
 
 def generate(bundle, request, backend: str = "ort"):

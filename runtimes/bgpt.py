@@ -4,6 +4,12 @@ The same loop as bytedeploy.models.bgpt.generate_cached, step for step: the prom
 patch_prefill, each new patch is sampled byte by byte with byte_step (its first call reads the patch feature and
 the prompt's forced tail bytes), and the finished patch goes through patch_decode. Caches and features stay runner
 values; only the logits come to the host, where the shared sampler draws with the same seeded CPU generator.
+
+On the trt backend, a bundle exported with --patch-decode plugin has the patch_decode_fused graph (the
+BytePatchDecode TensorRT plugin): each patch is then one call of it instead of patch_size byte_step calls, when the
+request's sampling is the one baked into the graph (greedy; the plugin draws with its own generator). ONNX Runtime
+has no implementation of that op, so the ort backends never open the graph (their sessions are made per graph on
+first use) and keep the byte_step loop.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ import numpy as np
 import torch
 
 from bytedeploy.errors import UserError
+from bytedeploy.exporters.bgpt import FUSED
 from bytedeploy.generation import GenerateRequest, GenerateResult
-from bytedeploy.models.bgpt import SPECIAL, UNIT, make_prompt, patches_to_bytes
+from bytedeploy.models.bgpt import SPECIAL, UNIT, patches_to_bytes, plan_generation
 from bytedeploy.sampling import SamplingConfig, make_generator, sample
 
 
@@ -23,24 +30,31 @@ def generate(bundle, runner, request: GenerateRequest) -> GenerateResult:
     cfg = bundle.family_config()
     if cfg.task != "generate":
         raise UserError("this bundle holds a bGPT classifier; it cannot generate")
-    patches, tail = make_prompt(cfg, request)
-    if len(patches) >= cfg.n_patches:
-        raise UserError(f"the prompt fills all {cfg.n_patches} patches; nothing is left to generate")
-    max_patches = cfg.n_patches - len(patches)
-    if request.max_new:
-        max_patches = min(max_patches, -(-(request.max_new + len(tail)) // cfg.patch_size))
+    patches, tail, max_patches = plan_generation(cfg, request)
     float_type = np.dtype(next(t.dtype for t in bundle.graphs["byte_step"].inputs if t.name == "feature"))
+    fused = use_fused(bundle, runner, request.sampling)
     t0 = time.perf_counter()
-    outs = generate_loop(cfg, runner, float_type, patches, tail, max_patches, request.sampling, request.batch_size)
+    outs = generate_loop(cfg, runner, float_type, patches, tail, max_patches, request.sampling, request.batch_size,
+                         fused)
     seconds = time.perf_counter() - t0
     if request.max_new:
         outs = [o[:request.max_new] for o in outs]
     return GenerateResult(outs, sum(len(o) for o in outs), seconds, UNIT)
 
 
+def use_fused(bundle, runner, sampling: SamplingConfig) -> bool:
+    """Decode patches with patch_decode_fused: on TensorRT, with the graph, for the sampling baked into it."""
+    baked = bundle.extra.get("patch_decode_sampling")
+    if runner.name != "trt" or FUSED not in bundle.graphs or baked is None:
+        return False
+    baked = SamplingConfig(**baked)
+    return (baked.greedy and sampling.greedy) or baked == sampling
+
+
 def generate_loop(cfg, runner, float_type: np.dtype, prompt: np.ndarray, tail: np.ndarray, max_patches: int,
-                  sampling: SamplingConfig, batch_size: int) -> list[bytes]:
-    """generate_cached's loop; float_type is the graphs' (float32 or float16), for the empty inputs."""
+                  sampling: SamplingConfig, batch_size: int, fused: bool = False) -> list[bytes]:
+    """generate_cached's loop; float_type is the graphs' (float32 or float16), for the empty inputs; fused: each
+    patch from one patch_decode_fused call."""
     gen = make_generator(sampling.seed, "cpu")
     B, n0 = batch_size, len(prompt)
     x = np.ascontiguousarray(np.broadcast_to(prompt[None], (B, n0, cfg.patch_size)))
@@ -50,7 +64,10 @@ def generate_loop(cfg, runner, float_type: np.dtype, prompt: np.ndarray, tail: n
     done = np.zeros(B, dtype=bool)
     pos, rows = n0, []
     for _ in range(max_patches):
-        patch = generate_patch(cfg, runner, float_type, feature, forced, sampling, gen)
+        if fused:
+            patch = fused_patch(cfg, runner, feature, forced)
+        else:
+            patch = generate_patch(cfg, runner, float_type, feature, forced, sampling, gen)
         patch[done] = SPECIAL
         rows.append(patch[:, forced.shape[1]:])
         done |= (patch == SPECIAL).any(-1)
@@ -62,6 +79,16 @@ def generate_loop(cfg, runner, float_type: np.dtype, prompt: np.ndarray, tail: n
         pos += 1
         forced = forced[:, :0]
     return [patches_to_bytes(r) for r in np.concatenate(rows, 1)]
+
+
+def fused_patch(cfg, runner, feature, forced: np.ndarray) -> np.ndarray:
+    """One patch for every row from one patch_decode_fused call: feature (B, 1, C) as patch_prefill / patch_decode
+    return it, forced (B, k) -> (B, P) int64 with the forced bytes in front."""
+    B, k = forced.shape
+    padded = np.zeros((B, cfg.patch_size), dtype=np.int32)
+    padded[:, :k] = forced
+    out = runner.run(FUSED, {"feature": feature[:, 0], "forced": padded, "n_forced": np.array([k], dtype=np.int32)})
+    return runner.to_numpy(out["patch"]).astype(np.int64)
 
 
 def generate_patch(cfg, runner, float_type: np.dtype, feature, forced: np.ndarray, sampling: SamplingConfig,

@@ -29,7 +29,6 @@ first call pays for the capture (reported as extra["captured"]) and later calls 
 
 from __future__ import annotations
 
-import importlib
 import math
 import weakref
 from collections.abc import Callable
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.kv_cache import KVCache
+from bytedeploy.registry import family_module
 
 FAMILIES = {
     "bgpt": "bytedeploy.runtimes.native_bgpt",
@@ -53,12 +53,12 @@ NO_CUDA = "the native backend needs a CUDA GPU"
 
 def generate(model, cfg, family: str, request: GenerateRequest) -> GenerateResult:
     """Run the family's native loop on a model that sits on a CUDA device."""
-    if family not in FAMILIES:
-        raise UserError(f"the native backend has no loop for family {family!r}; it runs {', '.join(FAMILIES)}")
+    loop = family_module(FAMILIES, family,
+                         f"the native backend has no loop for family {family!r}; it runs {', '.join(FAMILIES)}")
     device = require_cuda(model)
     model.eval()
     with torch.no_grad(), torch.cuda.device(device):
-        return importlib.import_module(FAMILIES[family]).generate(model, cfg, request)
+        return loop.generate(model, cfg, request)
 
 
 def require_cuda(model) -> torch.device:

@@ -89,12 +89,7 @@ class BgptRunner:
 def generate(model, cfg, request: GenerateRequest) -> GenerateResult:
     if cfg.task != "generate":
         raise UserError("this checkpoint is a classifier; use 'bytedeploy eval' to classify files")
-    prompt, tail = bgpt.make_prompt(cfg, request)
-    if len(prompt) >= cfg.n_patches:
-        raise UserError(f"the prompt fills all {cfg.n_patches} patches; nothing is left to generate")
-    max_patches = cfg.n_patches - len(prompt)
-    if request.max_new:
-        max_patches = min(max_patches, -(-(request.max_new + len(tail)) // cfg.patch_size))
+    prompt, tail, max_patches = bgpt.plan_generation(cfg, request)
     B, compile = request.batch_size, bool(request.options.get("compile", False))
     sync()
     t0 = time.perf_counter()

@@ -79,8 +79,9 @@ def test_fields_serialize_and_recreate_with_int64_fields_too():
 
 @needs_trt
 def test_register_plugins_once_under_the_bytedeploy_namespace():
-    assert trt_plugins.register_plugins() == ["bytedeploy::BitLinear"]
-    assert trt_plugins.register_plugins() == ["bytedeploy::BitLinear"]
+    names = ["bytedeploy::BitLinear", "bytedeploy::BytePatchDecode"]
+    assert trt_plugins.register_plugins() == names
+    assert trt_plugins.register_plugins() == names
     creator = trt.get_plugin_registry().get_creator("BitLinear", "1", "bytedeploy")
     assert creator is not None and creator.name == "BitLinear"
     arrays = int_fields(in_features=16, out_features=4)

@@ -337,17 +337,24 @@ def make_prompt(cfg: Config, request: GenerateRequest) -> tuple[np.ndarray, np.n
     return whole, tail
 
 
-def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str = "eager") -> GenerateResult:
-    if cfg.task != "generate":
-        raise UserError("this checkpoint is a classifier; use 'bytedeploy eval' to classify files")
-    if backend not in BACKENDS:
-        raise UserError(f"bGPT has no backend {backend!r} here; choose from {', '.join(BACKENDS)}")
+def plan_generation(cfg: Config, request: GenerateRequest) -> tuple[np.ndarray, np.ndarray, int]:
+    """-> (the prompt's whole patches, its partial last patch's bytes, the most patches to generate); every backend
+    plans the same way."""
     patches, tail = make_prompt(cfg, request)
     if len(patches) >= cfg.n_patches:
         raise UserError(f"the prompt fills all {cfg.n_patches} patches; nothing is left to generate")
     max_patches = cfg.n_patches - len(patches)
     if request.max_new:
         max_patches = min(max_patches, -(-(request.max_new + len(tail)) // cfg.patch_size))
+    return patches, tail, max_patches
+
+
+def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str = "eager") -> GenerateResult:
+    if cfg.task != "generate":
+        raise UserError("this checkpoint is a classifier; use 'bytedeploy eval' to classify files")
+    if backend not in BACKENDS:
+        raise UserError(f"bGPT has no backend {backend!r} here; choose from {', '.join(BACKENDS)}")
+    patches, tail, max_patches = plan_generation(cfg, request)
     device = next(model.parameters()).device
     sync(device)
     t0 = time.perf_counter()

@@ -1,0 +1,104 @@
+"""Every family's `bytedeploy bench` on a GPU machine, in one command: the committed results of issue 5.
+
+    python -m bytedeploy.benchmarks.gpu_bench --out benchmarks/results/bench-h200.json
+
+For each family: a random-init checkpoint of its benchmark preset (one training step on the GPU, so the checkpoint
+carries its tokenizer; speed does not depend on the weights), an fp32 bundle exported from it for the ONNX
+Runtime rows, then one `bytedeploy bench` run over eager-reference, eager, native (and burst for sigma-GPT,
+ort-cuda when onnxruntime-gpu is importable) at batch 1 and 64, greedy, prompt 'import os\\n'. Every speed-up is
+against eager-reference measured in the same run. Writes one JSON with every family's result and a PNG per
+family beside it (bench-<machine>-<family>.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bytedeploy.bench import BenchConfig, run_bench, summary_lines, write_plot
+from bytedeploy.sampling import SamplingConfig
+
+# family: (preset, new tokens per row, generate options, extra backends)
+FAMILIES = {
+    "bgpt": ("base", 256, {}, ["native+compile"]),
+    "char-gpt2": ("toy", 100, {}, []),
+    "sigma-gpt": ("small", 200, {}, ["burst"]),
+    "bitnet": ("small", 128, {}, []),
+    "bfn": ("small", 48, {"n_steps": 100}, []),
+}
+
+
+def has_ort_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def make_checkpoint(family: str, preset: str, out: Path) -> Path:
+    """One optimizer step of the preset on the GPU: a complete checkpoint (weights, config, tokenizer)."""
+    cmd = [sys.executable, "-m", "bytedeploy.cli", "train", family, "--preset", preset, "--steps", "1",
+           "--batch-size", "2", "--eval-every", "0", "--ckpt-every", "0", "--eval-batches", "1", "--first-mb", "2",
+           "--device", "cuda", "-o", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def bench_family(family: str, root: Path, batch_sizes: list[int], repeats: int, ort_cuda: bool) -> dict:
+    from bytedeploy.exporters import export
+
+    preset, max_new, options, extra = FAMILIES[family]
+    ckpt = make_checkpoint(family, preset, root / family)
+    backends = ["eager-reference", "eager", "native", *extra]
+    bundle = None
+    if ort_cuda:
+        bundle = root / f"{family}-bundle"
+        t0 = time.perf_counter()
+        export(ckpt, bundle, "fp32")
+        print(f"{family}: exported {bundle} in {time.perf_counter() - t0:.1f} s", flush=True)
+        backends.append("ort-cuda")
+    bc = BenchConfig(backends, batch_sizes, max_new, b"import os\n", repeats, 1, str(bundle) if bundle else None,
+                     "cuda", "float32", dict(options), SamplingConfig(temperature=0.0))
+    result = run_bench(str(ckpt), bc, echo=lambda line: print(f"{family}: {line}", flush=True))
+    result["preset"] = preset
+    result["command"] = (f"bytedeploy bench CKPT --backends {','.join(backends)} --batch-sizes "
+                         f"{','.join(map(str, batch_sizes))} --max-new {max_new} --repeats {repeats} "
+                         f"--reference-max-batch 1" + "".join(f" --option {k}={v}" for k, v in options.items())
+                         + (" --bundle BUNDLE" if bundle else ""))
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON file for all families' results")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset")
+    parser.add_argument("--batch-sizes", default="1,64")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_bench needs a CUDA GPU")
+    out = Path(args.out)
+    ort_cuda = has_ort_cuda()
+    doc = {"machine": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "ort_cuda": ort_cuda, "note": __doc__.split("\n\n")[1].replace("\n", " "), "results": {}}
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families.split(","):
+            result = bench_family(family, Path(tmp), sizes, args.repeats, ort_cuda)
+            doc["results"][family] = result
+            print("\n".join(summary_lines(result)), flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=1, default=str) + "\n")  # after each family: nothing lost
+            print(write_plot(result, out.with_name(f"{out.stem}-{family}.png")), flush=True)
+
+
+if __name__ == "__main__":
+    main()
