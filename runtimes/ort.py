@@ -37,15 +37,28 @@ def providers_for(device: str) -> list[str]:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UserError("the ort-cuda backend needs onnxruntime-gpu with a working CUDA execution provider; "
                             f"this onnxruntime has {', '.join(ort.get_available_providers())}")
+        preload_cuda_libraries(ort)
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     raise UserError(f"unknown ONNX Runtime device {device!r}: cpu or cuda")
+
+
+_preloaded = False
+
+
+def preload_cuda_libraries(ort) -> None:
+    """Load the CUDA / cuDNN libraries of the nvidia-* pip packages (PyTorch's) into the process before the CUDA
+    execution provider looks for them; without this it may fail to start and ORT quietly runs on the CPU."""
+    global _preloaded
+    if not _preloaded and hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21
+        ort.preload_dlls()
+        _preloaded = True
 
 
 def session_options(custom_ops: bool):
     ort = import_ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = int(os.environ.get("BYTEDEPLOY_ORT_LOG", "3"))  # 3: errors only; 0: verbose
     threads = os.environ.get("BYTEDEPLOY_ORT_THREADS")  # tiny models run faster on 1 thread than on many
     if threads:
         if not threads.isdigit():
@@ -67,11 +80,16 @@ def make_session(model_path: str | Path, device: str = "cpu", custom_ops: bool =
 
         model = model_for_ort(model_path)  # bytes of the graph with the custom ops ORT-resolvable
     try:
-        return ort.InferenceSession(model, sess_options=session_options(custom_ops), providers=providers_for(device))
+        session = ort.InferenceSession(model, sess_options=session_options(custom_ops),
+                                       providers=providers_for(device))
     except UserError:
         raise
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, NotImplemented, ...)
         raise UserError(f"ONNX Runtime cannot load {model_path}: {str(e).splitlines()[0]}") from None
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise UserError("ONNX Runtime's CUDA execution provider did not start (it fell back to the CPU), usually a "
+                        "CUDA or cuDNN library it needs is missing; BYTEDEPLOY_ORT_LOG=2 shows onnxruntime's reason")
+    return session
 
 
 class OrtRunner:

@@ -122,6 +122,21 @@ def test_ort_cuda_without_onnxruntime_gpu_is_one_line_error(exported):
     assert len(lines) == 1 and lines[0].startswith("Error:") and "onnxruntime-gpu" in lines[0]
 
 
+@pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                    reason="onnxruntime-gpu is installed")
+def test_ort_cuda_that_falls_back_to_the_cpu_is_one_line_error(exported, monkeypatch):
+    """onnxruntime-gpu whose CUDA provider cannot start (a missing CUDA library) quietly runs on the CPU: refused.
+    Here a CPU onnxruntime that claims the CUDA provider plays it: its sessions get the CPU provider only."""
+    _, fp32, _ = exported
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider",
+                                                                         "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: None, raising=False)
+    result = CliRunner().invoke(cli, ["generate", str(fp32), "--backend", "ort-cuda", "--max-new", "4"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "CUDA execution provider did not start" in lines[0], result.output
+
+
 def test_classifier_export_is_refused(tmp_path):
     ckpt = save_tiny_bgpt(tmp_path / "cls", task="classify", labels=("a", "b"))
     result = CliRunner().invoke(cli, ["export", str(ckpt), "-o", str(tmp_path / "bundle")])
