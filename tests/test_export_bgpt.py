@@ -124,6 +124,7 @@ def test_ort_cuda_without_onnxruntime_gpu_is_one_line_error(exported):
 
 @pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
                     reason="onnxruntime-gpu is installed")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
 def test_ort_cuda_that_falls_back_to_the_cpu_is_one_line_error(exported, monkeypatch):
     """onnxruntime-gpu whose CUDA provider cannot start (a missing CUDA library) quietly runs on the CPU: refused.
     Here a CPU onnxruntime that claims the CUDA provider plays it: its sessions get the CPU provider only."""
