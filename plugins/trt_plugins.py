@@ -114,25 +114,66 @@ def device_tensor(pointer: int, desc) -> torch.Tensor:
     return torch.as_tensor(array, device="cuda")
 
 
-class BitLinearPlugin(*PLUGIN_BASES):
-    """bytedeploy::BitLinear: y = bitlinear_int(x, packed_weight, weight_scale, in_features), same dtype as x."""
+class Plugin(*PLUGIN_BASES):
+    """What both plugins share: the IPluginV3 bases' set-up, identity, and the capability methods whose behaviour is
+    the same (shape checks through the subclass's check_dims, no workspace, no tactics, fields serialized as
+    given). Subclasses set self.fields and implement clone, the output types/shapes, formats, check_dims and
+    enqueue."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, name: str, version: str):
         for base in PLUGIN_BASES:
             if base is not object:
                 base.__init__(self)
+        self.plugin_name, self.plugin_namespace, self.plugin_version = name, CUSTOM_DOMAIN, version
+        self.num_outputs = 1
+        self.timing_cache_id = ""  # one implementation: nothing to time per instance
+
+    def get_capability_interface(self, capability_type):
+        return self
+
+    def configure_plugin(self, inp, out) -> None:
+        self.check_dims([d.desc.dims for d in inp])
+
+    def get_workspace_size(self, inp, out) -> int:
+        return 0  # temporaries come from torch's allocator, on TensorRT's stream
+
+    def get_valid_tactics(self):
+        return []
+
+    def on_shape_change(self, inp, out) -> None:
+        self.check_dims([d.dims for d in inp])
+
+    def set_tactic(self, tactic) -> None:
+        pass
+
+    def attach_to_context(self, resource_context):
+        return self.clone()
+
+    def get_fields_to_serialize(self):
+        return plugin_fields(self.fields)
+
+
+class PluginCreator(*CREATOR_BASES):
+    """A creator's set-up: identity and the fields it declares (field_arrays keeps their arrays alive)."""
+
+    def __init__(self, name: str, version: str, field_arrays: dict[str, np.ndarray]):
+        for base in CREATOR_BASES:
+            if base is not object:
+                base.__init__(self)
+        self.name, self.plugin_namespace, self.plugin_version = name, CUSTOM_DOMAIN, version
+        self.field_arrays = field_arrays
+        self.field_names = plugin_fields(self.field_arrays)
+
+
+class BitLinearPlugin(Plugin):
+    """bytedeploy::BitLinear: y = bitlinear_int(x, packed_weight, weight_scale, in_features), same dtype as x."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(BITLINEAR, BITLINEAR_VERSION)
         if in_features < 1 or out_features < 1:
             raise ValueError(f"BitLinear plugin needs positive in/out features, got {in_features}, {out_features}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.fields = int_fields(in_features=self.in_features, out_features=self.out_features)
-        self.plugin_name, self.plugin_namespace, self.plugin_version = BITLINEAR, CUSTOM_DOMAIN, BITLINEAR_VERSION
-        self.num_outputs = 1
-        self.timing_cache_id = ""  # one implementation: nothing to time per instance
-
-    # ---- IPluginV3 / core
-
-    def get_capability_interface(self, capability_type):
-        return self
 
     def clone(self) -> BitLinearPlugin:
         return BitLinearPlugin(self.in_features, self.out_features)
@@ -161,29 +202,6 @@ class BitLinearPlugin(*PLUGIN_BASES):
             return kind == "FLOAT"
         return kind == in_out[0].desc.type.name  # the output: x's dtype
 
-    def configure_plugin(self, inp, out) -> None:
-        self.check_dims([d.desc.dims for d in inp])
-
-    def get_workspace_size(self, inp, out) -> int:
-        return 0  # the batch path's few temporaries come from torch's allocator on the same stream
-
-    def get_valid_tactics(self):
-        return []
-
-    # ---- runtime
-
-    def on_shape_change(self, inp, out) -> None:
-        self.check_dims([d.dims for d in inp])
-
-    def set_tactic(self, tactic) -> None:
-        pass
-
-    def attach_to_context(self, resource_context) -> BitLinearPlugin:
-        return self.clone()
-
-    def get_fields_to_serialize(self):
-        return plugin_fields(self.fields)
-
     def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> None:
         from bytedeploy.plugins.bitlinear_kernels import bitlinear_w2a8
 
@@ -206,14 +224,9 @@ class BitLinearPlugin(*PLUGIN_BASES):
                                  f"expected {expected}")
 
 
-class BitLinearPluginCreator(*CREATOR_BASES):
+class BitLinearPluginCreator(PluginCreator):
     def __init__(self):
-        for base in CREATOR_BASES:
-            if base is not object:
-                base.__init__(self)
-        self.name, self.plugin_namespace, self.plugin_version = BITLINEAR, CUSTOM_DOMAIN, BITLINEAR_VERSION
-        self.field_arrays = int_fields(in_features=0, out_features=0)
-        self.field_names = plugin_fields(self.field_arrays)
+        super().__init__(BITLINEAR, BITLINEAR_VERSION, int_fields(in_features=0, out_features=0))
 
     def create_plugin(self, name, field_collection, phase) -> BitLinearPlugin:
         fields = read_int_fields(field_collection)
@@ -223,13 +236,11 @@ class BitLinearPluginCreator(*CREATOR_BASES):
         return BitLinearPlugin(fields["in_features"], fields["out_features"])
 
 
-class BytePatchDecodePlugin(*PLUGIN_BASES):
+class BytePatchDecodePlugin(Plugin):
     """bytedeploy::BytePatchDecode: patch (B, P) int32 = a bGPT patch decoded from feature (B, C) (module docstring)."""
 
     def __init__(self, fields: dict[str, np.ndarray]):
-        for base in PLUGIN_BASES:
-            if base is not object:
-                base.__init__(self)
+        super().__init__(PATCH_DECODE, PATCH_DECODE_VERSION)
         self.fields = {name: np.asarray(fields[name], dtype=dtype).reshape(-1) for name, dtype in PLUGIN_FIELDS.items()}
         ints = {name: int(a[0]) for name, a in self.fields.items() if a.dtype == np.int32}
         self.patch_size, self.n_embd = ints["patch_size"], ints["n_embd"]
@@ -243,15 +254,7 @@ class BytePatchDecodePlugin(*PLUGIN_BASES):
                              f"decoder of this config has {size}")
         self.sampling = SamplingConfig(ints["top_k"], float(self.fields["top_p"][0]),
                                        float(self.fields["temperature"][0]), ints["seed"])
-        self.plugin_name, self.plugin_namespace, self.plugin_version = PATCH_DECODE, CUSTOM_DOMAIN, PATCH_DECODE_VERSION
-        self.num_outputs = 1
-        self.timing_cache_id = ""
         self.modules, self.decoders, self.generators = {}, {}, {}  # built on first use, see decoder()
-
-    # ---- IPluginV3 / core
-
-    def get_capability_interface(self, capability_type):
-        return self
 
     def clone(self) -> BytePatchDecodePlugin:
         return BytePatchDecodePlugin(self.fields)
@@ -273,29 +276,6 @@ class BytePatchDecodePlugin(*PLUGIN_BASES):
         if pos == 0:
             return desc.type.name in ("FLOAT", "HALF")
         return desc.type.name == "INT32"  # forced, n_forced, patch
-
-    def configure_plugin(self, inp, out) -> None:
-        self.check_dims([d.desc.dims for d in inp])
-
-    def get_workspace_size(self, inp, out) -> int:
-        return 0  # the decoder's buffers and temporaries come from torch's allocator
-
-    def get_valid_tactics(self):
-        return []
-
-    # ---- runtime
-
-    def on_shape_change(self, inp, out) -> None:
-        self.check_dims([d.dims for d in inp])
-
-    def set_tactic(self, tactic) -> None:
-        pass
-
-    def attach_to_context(self, resource_context) -> BytePatchDecodePlugin:
-        return self.clone()
-
-    def get_fields_to_serialize(self):
-        return plugin_fields(self.fields)
 
     def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> None:
         feature, forced, n_forced = (device_tensor(p, d) for p, d in zip(inputs, input_desc))
@@ -345,14 +325,10 @@ class BytePatchDecodePlugin(*PLUGIN_BASES):
             raise ValueError(f"BytePatchDecode plugin: feature batch {feature[0]} != forced batch {forced[0]}")
 
 
-class BytePatchDecodePluginCreator(*CREATOR_BASES):
+class BytePatchDecodePluginCreator(PluginCreator):
     def __init__(self):
-        for base in CREATOR_BASES:
-            if base is not object:
-                base.__init__(self)
-        self.name, self.plugin_namespace, self.plugin_version = PATCH_DECODE, CUSTOM_DOMAIN, PATCH_DECODE_VERSION
-        self.field_arrays = {name: np.zeros(1, dtype=dtype) for name, dtype in PLUGIN_FIELDS.items()}
-        self.field_names = plugin_fields(self.field_arrays)
+        super().__init__(PATCH_DECODE, PATCH_DECODE_VERSION,
+                         {name: np.zeros(1, dtype=dtype) for name, dtype in PLUGIN_FIELDS.items()})
 
     def create_plugin(self, name, field_collection, phase) -> BytePatchDecodePlugin:
         fields = read_fields(field_collection)
