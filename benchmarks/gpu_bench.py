@@ -54,19 +54,20 @@ def make_checkpoint(family: str, preset: str, out: Path) -> Path:
     return out
 
 
-def bench_family(family: str, root: Path, batch_sizes: list[int], repeats: int, ort_cuda: bool) -> dict:
+def bench_family(family: str, root: Path, batch_sizes: list[int], repeats: int, ort_cuda: bool,
+                 only: list[str] | None = None) -> dict:
     from bytedeploy.exporters import export
 
     preset, max_new, options, extra = FAMILIES[family]
     ckpt = make_checkpoint(family, preset, root / family)
-    backends = ["eager-reference", "eager", "native", *extra]
+    backends = ["eager-reference", "eager", "native", *extra] + (["ort-cuda"] if ort_cuda else [])
+    backends = [b for b in backends if only is None or b in only]
     bundle = None
-    if ort_cuda:
+    if "ort-cuda" in backends:
         bundle = root / f"{family}-bundle"
         t0 = time.perf_counter()
         export(ckpt, bundle, "fp32")
         print(f"{family}: exported {bundle} in {time.perf_counter() - t0:.1f} s", flush=True)
-        backends.append("ort-cuda")
     bc = BenchConfig(backends, batch_sizes, max_new, b"import os\n", repeats, 1, str(bundle) if bundle else None,
                      "cuda", "float32", dict(options), SamplingConfig(temperature=0.0))
     result = run_bench(str(ckpt), bc, echo=lambda line: print(f"{family}: {line}", flush=True))
@@ -84,6 +85,7 @@ def main(argv=None) -> None:
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset")
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backends", default=None, help="comma-separated subset of the backends [default: all]")
     parser.add_argument("--one", action="store_true", help="(internal) bench the one family in this process")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -92,7 +94,8 @@ def main(argv=None) -> None:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
-            result = bench_family(args.families, Path(tmp), sizes, args.repeats, has_ort_cuda())
+            only = args.backends.split(",") if args.backends else None
+            result = bench_family(args.families, Path(tmp), sizes, args.repeats, has_ort_cuda(), only)
         out.write_text(json.dumps(result, default=str) + "\n")
         return
     doc = {"machine": torch.cuda.get_device_name(0), "torch": torch.__version__, "ort_cuda": has_ort_cuda(),
@@ -102,7 +105,8 @@ def main(argv=None) -> None:
         # one process per family: peak memory and allocator state are the family's own
         part = out.with_name(f".{out.stem}-{family}.part.json")
         subprocess.run([sys.executable, "-m", "bytedeploy.benchmarks.gpu_bench", "--one", "--families", family,
-                        "--out", str(part), "--batch-sizes", args.batch_sizes, "--repeats", str(args.repeats)],
+                        "--out", str(part), "--batch-sizes", args.batch_sizes, "--repeats", str(args.repeats)]
+                       + (["--backends", args.backends] if args.backends else []),
                        check=True)
         result = json.loads(part.read_text())
         part.unlink()

@@ -104,6 +104,7 @@ def run_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
             bundle, bundle_error = load_bundle(bc.bundle), ""
         except Exception as e:  # a broken or missing bundle skips its rows, it does not end the run
             bundle_error = f"cannot load the bundle {bc.bundle}: {one_line(e)}"
+    runners = {}
     for batch_size in bc.batch_sizes:
         for backend in bc.backends:
             row = {"backend": backend, "batch_size": batch_size}
@@ -112,7 +113,7 @@ def run_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
                 row.update(status="skipped", reason=reason)
             else:
                 request = GenerateRequest(bc.prompt, bc.max_new, batch_size, bc.sampling, dict(options))
-                row.update(measure(lambda r, b=backend: call(fam, ckpt.family, model, cfg, bundle, b, r), request,
+                row.update(measure(lambda r, b=backend: call(ckpt.family, model, cfg, bundle, b, r, runners), request,
                                    bc.repeats, device))
             result["rows"].append(row)
             echo(format_row(row))
@@ -137,11 +138,15 @@ def skip_reason(fam, family: str, backend: str, batch_size: int, bc: BenchConfig
     return ""
 
 
-def call(fam, family: str, model, cfg, bundle, backend: str, request: GenerateRequest) -> GenerateResult:
+def call(family: str, model, cfg, bundle, backend: str, request: GenerateRequest, runners: dict) -> GenerateResult:
+    """One generate call. A bundle backend keeps one runner for the whole run: its sessions (or engines) are made on
+    first use, in the untimed warm-up call, and not again in the timed ones."""
     if backend in BUNDLE_BACKENDS:
-        from bytedeploy.runtimes import generate as generate_on_bundle
+        from bytedeploy.runtimes import family_loop, make_runner
 
-        return generate_on_bundle(bundle, request, backend)
+        if backend not in runners:
+            runners[backend] = make_runner(bundle, backend)
+        return family_loop(bundle.family).generate(bundle, runners[backend], request)
     return generate_from_checkpoint(model, cfg, family, request, backend)
 
 

@@ -73,3 +73,23 @@ def test_bench_bad_bundle_and_options_are_recorded_or_one_line_errors(tiny_bgpt,
         BenchConfig(batch_sizes=[0])
     assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("true") is True
     assert parse_value("py") == "py"
+
+
+def test_bundle_rows_make_their_sessions_once_in_the_warm_up(tiny_bgpt, tmp_path, monkeypatch):
+    """The timed calls of an ort row reuse the runner of the untimed warm-up: no session creation is timed."""
+    import onnxruntime
+
+    from bytedeploy.exporters import export
+
+    export(tiny_bgpt, tmp_path / "bundle")
+    made = []
+    real = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *a, **k: made.append(a[0]) or real(*a, **k))
+    out = tmp_path / "bench.json"
+    args = ["bench", str(tiny_bgpt), "--backends", "eager,ort", "--bundle", str(tmp_path / "bundle"),
+            "--batch-sizes", "1,2", "--max-new", "8", "--repeats", "2", "--device", "cpu", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["backend"] == "ort"]
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["matches_eager"] for r in rows)
+    assert len(made) == 3  # patch_prefill, patch_decode, byte_step: once for the whole run
