@@ -80,10 +80,9 @@ def run_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
     """-> the result dict (rows, bandwidth, machine); writes nothing."""
     from bytedeploy.checkpoint import load_model
     from bytedeploy.registry import get_family
+    from bytedeploy.training import resolve_device
 
-    device = torch.device(bc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible here")
+    device = resolve_device(bc.device or "auto")
     model, cfg, ckpt = load_model(checkpoint, device)
     model = model.to(DTYPES[bc.dtype])
     fam = get_family(ckpt.family)
@@ -97,13 +96,12 @@ def run_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
         "bandwidth_bytes_per_s": BANDWIDTH_BYTES_PER_S, "rows": [],
     }
     bundle, bundle_error = None, "no --bundle given (ort / ort-cuda / trt run an exported bundle)"
-    if bc.bundle and any(b in BUNDLE_BACKENDS for b in bc.backends):
-        try:
-            from bytedeploy.exporters.bundle import load_bundle
+    if bc.bundle:
+        from bytedeploy.exporters.bundle import load_bundle
 
-            bundle, bundle_error = load_bundle(bc.bundle), ""
-        except Exception as e:  # a broken or missing bundle skips its rows, it does not end the run
-            bundle_error = f"cannot load the bundle {bc.bundle}: {one_line(e)}"
+        bundle, bundle_error = load_bundle(bc.bundle), ""
+        if bundle.family != ckpt.family:
+            raise UserError(f"checkpoint {checkpoint} is a {ckpt.family} model; bundle {bc.bundle} is {bundle.family}")
     runners = {}
     for batch_size in bc.batch_sizes:
         for backend in bc.backends:

@@ -167,6 +167,8 @@ def train(family, data_spec, eval_data, eval_split, preset, sets, context, d_mod
             tcfg = dataclasses.replace(tcfg, steps=steps)
         data_spec, data_options = ckpt.meta["data"], dict(ckpt.meta["data_options"], assets=str(ckpt.assets))
     else:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out} is a file, not a checkpoint folder")
         if out.exists() and any(out.iterdir()) and not (force or no_save):
             raise UserError(f"{out} already exists; use --resume to continue it or --force to overwrite it")
         if not no_save:
@@ -379,7 +381,17 @@ def planned_outputs(out, n: int, ext: str, force: bool) -> list[Path]:
         raise UserError(f"{existing[0]} exists; use --force to overwrite")
     if n == 1 and out.is_dir():
         raise UserError(f"{out} is a folder; give a file name for one sample")
+    check_writable_parent(paths[0])
     return paths
+
+
+def check_writable_parent(path: Path) -> None:
+    """Refuse, before any work, an output whose folder cannot be made because a file stands in its way."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
+            return
 
 
 # ------------------------------------------------------------------------------------------------ eval

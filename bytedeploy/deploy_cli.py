@@ -5,6 +5,8 @@ Mounted on the main ``bytedeploy`` group by cli.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from bytedeploy.verify import tolerance_help
@@ -106,11 +108,13 @@ def build(bundle, out, precision, max_batch, max_len, timing_cache, force):
 @click.option("--device", default=None, help="cuda or cpu [default: cuda when available].")
 @click.option("--out", type=click.Path(), default=None, help="Write the results as JSON here.")
 @click.option("--plot", type=click.Path(), default=None, help="Write a PNG plot here (needs matplotlib).")
+@click.option("--force", is_flag=True, help="Overwrite existing --out / --plot files.")
 def bench(checkpoint, backends, batch_sizes, max_new, prompt, bundle, repeats, reference_max_batch, dtype, options,
-          top_k, top_p, temperature, seed, device, out, plot):
+          top_k, top_p, temperature, seed, device, out, plot, force):
     """Time generation of CHECKPOINT on each backend x batch size: latency per token (and per patch for bGPT),
     throughput, peak GPU memory and the speed-up over eager-reference, measured in one run."""
     from bytedeploy.bench import BenchConfig, parse_value, run_bench, summary_lines, write_json, write_plot
+    from bytedeploy.cli import check_writable_parent
     from bytedeploy.errors import UserError
     from bytedeploy.sampling import SamplingConfig
 
@@ -125,6 +129,10 @@ def bench(checkpoint, backends, batch_sizes, max_new, prompt, bundle, repeats, r
             raise UserError(f"--option takes KEY=VALUE, got {kv!r}")
         key, value = kv.split("=", 1)
         family_options[key] = parse_value(value)
+    for path in filter(None, (out, plot)):  # refused now, not after the run
+        if Path(path).exists() and not force:
+            raise UserError(f"{path} exists; use --force to overwrite")
+        check_writable_parent(Path(path))
     bc = BenchConfig([b.strip() for b in backends.split(",") if b.strip()], sizes, max_new,
                      prompt.encode("utf-8"), repeats, reference_max_batch, bundle, device, dtype, family_options,
                      sampling)

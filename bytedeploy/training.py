@@ -145,7 +145,10 @@ def resolve_device(name: str, dist_info: DistInfo | None = None) -> torch.device
             raise UserError("device 'cuda' asked for, but this machine has no CUDA GPU visible to PyTorch")
         if dist_info and dist_info.world_size > 1:
             return torch.device("cuda", dist_info.local_rank)
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
 
 
 def seed_for(*keys: int) -> int:

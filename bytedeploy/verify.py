@@ -47,7 +47,8 @@ class Row:
 
 
 def tolerance_help() -> str:
-    return ", ".join(f"{p} atol={a:g} rtol={r:g}" for p, (a, r) in TOLERANCES.items())
+    return (", ".join(f"{p} atol={a:g} rtol={r:g}" for p, (a, r) in TOLERANCES.items())
+            + "; BitNet is looser, see the table's header")
 
 
 def verify(checkpoint, bundle, backends: list[str], decode_steps: int = 32, batch_size: int = 2,

@@ -26,6 +26,13 @@ EXPORTERS = {
 }
 
 
+def max_opset() -> int:
+    """The newest opset torch's TorchScript-based exporter writes (20 in torch 2.4, 23 in 2.11)."""
+    from torch.onnx import _constants
+
+    return getattr(_constants, "ONNX_MAX_OPSET", 20)
+
+
 def family_exporter(family: str):
     return family_module(EXPORTERS, family, f"no exporter for family {family!r}")
 
@@ -43,6 +50,8 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", bit
     opset = opset or DEFAULT_OPSET
     if opset < MIN_OPSET:
         raise UserError(f"opset {opset} is too old; bytedeploy exports opset {MIN_OPSET} or newer")
+    if opset > max_opset():
+        raise UserError(f"opset {opset} is newer than this torch's ONNX exporter writes (up to {max_opset()})")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     model, cfg, ckpt = load_model(checkpoint, "cpu")

@@ -36,6 +36,7 @@ from bytedeploy.errors import UserError
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS, GraphSpec, TensorSpec
 from bytedeploy.exporters.onnx_graphs import (
     attention_mask,
+    cache_arrays,
     check_exported,
     export_graph,
     layer_caches,
@@ -174,13 +175,6 @@ def export_fused_patch_decode(model: Model, folder: Path, opset: int) -> GraphSp
 
 
 # ----------------------------------------------------------------------------------------------- verify
-
-
-def cache_arrays(caches, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eager KVCache list -> stacked (L, B, H, length, D) numpy copies of the first length positions."""
-    k = torch.stack([c.k[:, :, :length] for c in caches])
-    v = torch.stack([c.v[:, :, :length] for c in caches])
-    return k.numpy().copy(), v.numpy().copy()
 
 
 @torch.no_grad()

@@ -53,7 +53,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bytedeploy.errors import UserError
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS
-from bytedeploy.exporters.onnx_graphs import export_graph, layer_caches, prefill_caches, stacked
+from bytedeploy.exporters.onnx_graphs import (
+    cache_arrays,
+    check_exported,
+    export_graph,
+    layer_caches,
+    prefill_caches,
+    stacked,
+)
 from bytedeploy.models import bitnet
 from bytedeploy.models.bitlinear import ACT_QMAX, EPS, BitLinear, bitlinear_int, unpack_ternary
 from bytedeploy.verify import VerifyCase
@@ -185,6 +192,8 @@ def export_graphs(model: bitnet.Model, cfg: bitnet.Config, folder: Path, precisi
                            trace_opset, custom_ops=True),
               export_graph(Decode(deploy), "decode", decode_args, folder, DECODE_INPUTS, OUTPUTS, DECODE_AXES,
                            trace_opset, custom_ops=True)]
+    if mode == "plugin" and final_opset == trace_opset:
+        return graphs, {"bitlinear": mode, "opset": final_opset}  # as traced and checked by export_graph
     for spec in graphs:
         path = folder / spec.file
         model_proto = onnx.load(str(path))
@@ -192,17 +201,9 @@ def export_graphs(model: bitnet.Model, cfg: bitnet.Config, folder: Path, precisi
             model_proto = convert_opset(model_proto, final_opset)
         if mode == "qdq":
             expand_bitlinear_nodes(model_proto)
-            spec.custom_ops = []
         onnx.save_model(model_proto, str(path))
-        check_graph(path, spec.name)
+        spec.custom_ops = check_exported(path, spec.name, model_proto)
     return graphs, {"bitlinear": mode, "opset": final_opset}
-
-
-def check_graph(path: Path, name: str) -> None:
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise UserError(f"exported graph {name} fails the ONNX checker: {str(e).splitlines()[0]}") from None
 
 
 def convert_opset(model_proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -307,19 +308,15 @@ def verify_cases(model: bitnet.Model, cfg: bitnet.Config, bundle, batch_size: in
     ids = torch.randint(0, cfg.vocab_size, (batch_size, total), generator=torch.Generator().manual_seed(seed))
     caches = ref.make_caches(batch_size, total)
 
-    def cached(n: int) -> tuple[np.ndarray, np.ndarray]:
-        return (torch.stack([c.k[:, :, :n] for c in caches]).numpy(),
-                torch.stack([c.v[:, :, :n] for c in caches]).numpy())
-
     def expected(logits, n):
-        present_k, present_v = cached(n)
+        present_k, present_v = cache_arrays(caches, n)
         return {"logits": logits.numpy(), "present_k": present_k, "present_v": present_v}
 
     logits = run_layers(ref, ids[:, :prompt_len], torch.arange(prompt_len), caches, 0)
     cases = [VerifyCase("prefill", "prefill", {"ids": ids[:, :prompt_len].numpy()}, expected(logits, prompt_len))]
     for i in range(decode_steps):
         n = prompt_len + i
-        past_k, past_v = cached(n)
+        past_k, past_v = cache_arrays(caches, n)
         feeds = {"ids": ids[:, n:n + 1].numpy(), "past_k": past_k, "past_v": past_v,
                  "start": np.array([n], dtype=np.int64)}
         logits = run_layers(ref, ids[:, n:n + 1], torch.tensor([n]), caches, n)

@@ -3,7 +3,7 @@
     BUNDLE/
       bundle.json      family, model config, graphs with their input/output names and shapes, opset, precision,
                        bitlinear mode, bytedeploy version, sha256 of every other file
-      onnx/NAME.onnx   one file per graph (NAME.onnx.data beside it when the weights pass 2 GB)
+      onnx/NAME.onnx   one file per graph (its weights in NAME.onnx.data beside it past 2 GB)
       assets/          the checkpoint's tokenizer files, copied as they are
 
 Every later stage (ONNX Runtime, verify, TensorRT build) opens a bundle through ``load_bundle``, which refuses,
@@ -69,10 +69,22 @@ class Bundle:
     files: dict[str, str]  # relative path -> sha256
     extra: dict = field(default_factory=dict)  # family-specific facts a runtime needs (fixed lengths, ...)
 
-    def graph_path(self, name: str) -> Path:
+    def graph(self, name: str) -> GraphSpec:
         if name not in self.graphs:
             raise UserError(f"bundle {self.path} has no graph {name!r}; it has {', '.join(self.graphs)}")
-        return self.path / self.graphs[name].file
+        return self.graphs[name]
+
+    def graph_path(self, name: str) -> Path:
+        return self.path / self.graph(name).file
+
+    def input_dtype(self, graph: str, name: str):
+        """numpy dtype of one graph input, from the manifest."""
+        import numpy as np
+
+        for t in self.graph(graph).inputs:
+            if t.name == name:
+                return np.dtype(t.dtype)
+        raise UserError(f"bundle {self.path}: graph {graph!r} has no input {name!r}")
 
     @property
     def assets(self) -> Path:
@@ -166,6 +178,10 @@ def load_bundle(path: str | Path, check_files: bool = True) -> Bundle:
                         dict(doc.get("extra", {})))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"corrupt bundle manifest {manifest}: missing or bad field {e}") from None
+    if bundle.precision not in PRECISIONS or not isinstance(bundle.model_config, dict):
+        raise UserError(f"corrupt bundle manifest {manifest}: precision {bundle.precision!r} (fp32 or fp16) and "
+                        "model_config (a mapping) are required")
+    bundle.family_config()  # an unknown family or a bad model config: one-line UserError here, not in a runtime
     if bundle.opset < MIN_OPSET:
         raise UserError(f"bundle {path} uses opset {bundle.opset}; bytedeploy needs opset {MIN_OPSET} or newer")
     for g in bundle.graphs.values():

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bytedeploy.exporters.onnx_graphs import attention_mask, export_graph, layer_caches, prefill_caches, stacked
+from bytedeploy.exporters.onnx_graphs import (
+    attention_mask,
+    cache_arrays,
+    export_graph,
+    layer_caches,
+    prefill_caches,
+    stacked,
+)
 from bytedeploy.verify import VerifyCase
 
 CACHE_AXES = {1: "batch", 3: "past"}
@@ -74,12 +81,6 @@ def export_graphs(model, cfg, folder: Path, precision: str, bitlinear: str | Non
         {"idx": {0: "batch"}, "position": {0: "batch"}, "past_k": CACHE_AXES, "past_v": CACHE_AXES,
          "logits": {0: "batch"}, "present_k": PRESENT_AXES, "present_v": PRESENT_AXES}, opset)
     return [prefill, decode], {}
-
-
-def cache_arrays(caches, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eager KVCache list -> stacked (L, B, H, n, D) numpy past_k, past_v."""
-    return (torch.stack([c.k[:, :, :n] for c in caches]).cpu().numpy(),
-            torch.stack([c.v[:, :, :n] for c in caches]).cpu().numpy())
 
 
 @torch.no_grad()

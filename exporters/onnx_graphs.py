@@ -17,8 +17,6 @@ import torch
 from bytedeploy.errors import UserError
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, GraphSpec, TensorSpec, check_graph_opset_and_ops
 
-TWO_GB = 2 * 1024**3
-
 
 def tensor_spec(name: str, value: np.ndarray | torch.Tensor, dynamic: dict[int, str]) -> TensorSpec:
     shape = [dynamic.get(i, int(n)) for i, n in enumerate(value.shape)]
@@ -44,8 +42,9 @@ def export_graph(module: torch.nn.Module, name: str, args: tuple, folder: Path, 
                           dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
                           custom_opsets={CUSTOM_DOMAIN: 1} if custom_ops else None)
     model = onnx.load(str(path), load_external_data=False)
-    if sum(t.ByteSize() for t in model.graph.initializer) >= TWO_GB:  # pragma: no cover - only for huge models
-        onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location=f"{name}.onnx.data")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):  # pragma: no cover
+        # past 2 GB torch writes one file per initializer beside the graph: gather them into NAME.onnx.data
+        model = gather_external_data(path, model, f"{name}.onnx.data")
     custom = check_exported(path, name, model)
     return GraphSpec(
         name, rel,
@@ -62,6 +61,15 @@ def check_exported(path: Path, name: str, model: onnx.ModelProto) -> list[str]:
         raise UserError(f"exported graph {name} fails the ONNX checker: {str(e).splitlines()[0]}") from None
     check_graph_opset_and_ops(path, model)
     return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain == CUSTOM_DOMAIN})
+
+
+def gather_external_data(path: Path, model: onnx.ModelProto, location: str) -> onnx.ModelProto:  # pragma: no cover
+    stray = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    full = onnx.load(str(path))
+    for name in stray:
+        (path.parent / name).unlink()
+    onnx.save_model(full, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
+    return onnx.load(str(path), load_external_data=False)
 
 
 class ConcatCache:
@@ -89,6 +97,13 @@ def layer_caches(past_k: torch.Tensor, past_v: torch.Tensor) -> list[ConcatCache
 def prefill_caches(n_layer: int) -> list[ConcatCache]:
     """Caches without a past, for a prefill graph that returns its keys and values as presents."""
     return [ConcatCache(None, None) for _ in range(n_layer)]
+
+
+def cache_arrays(caches, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eager KVCache list -> stacked (L, B, H, n, D) numpy copies of the first n positions: verify's past / present
+    values."""
+    return (torch.stack([c.k[:, :, :n] for c in caches]).cpu().numpy().copy(),
+            torch.stack([c.v[:, :, :n] for c in caches]).cpu().numpy().copy())
 
 
 def stacked(caches: list[ConcatCache]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bytedeploy.exporters.onnx_graphs import attention_mask, export_graph, layer_caches, prefill_caches, stacked
+from bytedeploy.exporters.onnx_graphs import (
+    attention_mask,
+    cache_arrays,
+    export_graph,
+    layer_caches,
+    prefill_caches,
+    stacked,
+)
 from bytedeploy.verify import VerifyCase
 
 TOKEN_AXES = {0: "batch", 1: "seq"}
@@ -83,12 +90,6 @@ def export_graphs(model, cfg, folder: Path, precision: str, bitlinear: str | Non
         Decode(model, diagonal=True), "burst_proposal", with_past, folder, [*INPUTS, "past_k", "past_v"],
         ["logits"], {**axes, "logits": TOKEN_AXES}, opset)
     return [prefill, decode, proposal], {}
-
-
-def cache_arrays(caches, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eager KVCache list -> stacked (L, B, H, n, D) numpy past_k, past_v."""
-    return (torch.stack([c.k[:, :, :n] for c in caches]).cpu().numpy(),
-            torch.stack([c.v[:, :, :n] for c in caches]).cpu().numpy())
 
 
 @torch.no_grad()

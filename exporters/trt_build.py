@@ -239,9 +239,10 @@ def read_engine_meta(out: Path, name: str) -> dict | None:
     if not (engine.is_file() and meta.is_file()):
         return None
     try:
-        return json.loads(meta.read_text())
+        doc = json.loads(meta.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def is_current(meta: dict | None, wanted: dict) -> bool:
@@ -351,9 +352,10 @@ def build_engines(bundle, out=None, precision: str | None = None, max_batch: int
         step = f"[{i}/{len(bundle.graphs)}] {spec.name}:"
         engine_path, meta_path = engine_paths(out, spec.name)
         meta = b.engine_meta(bundle, spec, graph_profile(spec, bundle, max_batch, length))
-        if not force and is_current(read_engine_meta(out, spec.name), meta):
+        built = read_engine_meta(out, spec.name)
+        if not force and is_current(built, meta):
             click.echo(f"{step} kept {engine_path} (up to date; --force rebuilds)")
-            results[spec.name] = read_engine_meta(out, spec.name)
+            results[spec.name] = built
             continue
         start = time.perf_counter()
         serialized = b.build(bundle, spec, meta["profile"])

@@ -52,7 +52,7 @@ def generate(bundle, runner, request: GenerateRequest) -> GenerateResult:
     cfg = bundle.family_config()
     sp = bfn.request_tokenizer(GenerateRequest(options={"assets": str(bundle.assets)}))
     ids, fixed, out = bfn.build_sequence(cfg, request, sp)
-    n_steps = int(request.options.get("n_steps") or cfg.n_steps)
+    n_steps = bfn.sampling_steps(cfg, request)
     pad = cfg.seq_len - len(ids)  # positions after the used ones are sampled too: the network knows L tokens
     B = request.batch_size
     ids_np = np.tile(np.array(ids + [0] * pad, dtype=np.int64), (B, 1))

@@ -31,7 +31,7 @@ def generate(bundle, runner, request: GenerateRequest) -> GenerateResult:
     if cfg.task != "generate":
         raise UserError("this bundle holds a bGPT classifier; it cannot generate")
     patches, tail, max_patches = plan_generation(cfg, request)
-    float_type = np.dtype(next(t.dtype for t in bundle.graphs["byte_step"].inputs if t.name == "feature"))
+    float_type = bundle.input_dtype("byte_step", "feature")
     fused = use_fused(bundle, runner, request.sampling)
     t0 = time.perf_counter()
     outs = generate_loop(cfg, runner, float_type, patches, tail, max_patches, request.sampling, request.batch_size,

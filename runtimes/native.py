@@ -23,14 +23,13 @@ Greedy outputs equal the family's eager backend: the step functions call the mod
 order; the only numerical difference is attention over the masked full cache instead of the cache's written
 prefix (float32: differences at rounding level, tokens identical unless two logits tie to ~1e-6).
 
-Captured runners are cached per model (weak reference) and reused while the model's weights are unchanged, so the
+Captured runners are cached on the model and reused while the model's weights are unchanged, so the
 first call pays for the capture (reported as extra["captured"]) and later calls replay.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -96,15 +95,27 @@ def capture(fn: Callable[[], None], generator: torch.Generator | None = None, po
     return graph
 
 
-_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+RUNNERS_ATTRIBUTE = "_bytedeploy_native_runners"
+
+
+class RunnerCache(dict):
+    """The model's captured runners: left behind when the model is copied or pickled (CUDA graphs are neither)."""
+
+    def __deepcopy__(self, memo):
+        return RunnerCache()
+
+    def __reduce__(self):
+        return RunnerCache, ()
 
 
 def cached_runner(model, key: tuple, build: Callable[[], object]):
-    """The runner for (model, key), built once while the model's weights are unchanged (parameter versions are
-    part of the key: an in-place update, e.g. a training step, makes a new one)."""
-    versions = tuple(p._version for p in model.parameters())
-    runners = _RUNNERS.setdefault(model, {})
-    full_key = (key, versions)
+    """The runner for (model, key), built once while the model's weights are unchanged: each parameter's version
+    (in-place updates, e.g. a training step), storage, dtype and device are part of the key, so .half(), .to() or
+    assigning .data makes a new one. The runner lives on the model (it refers to the model, so a cache beside it
+    would keep the model alive) and goes with it."""
+    weights = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in model.parameters())
+    runners = model.__dict__.setdefault(RUNNERS_ATTRIBUTE, RunnerCache())
+    full_key = (key, weights)
     if full_key not in runners:
         runners.clear()  # one live runner per model: graphs hold their memory pools
         runners[full_key] = build()

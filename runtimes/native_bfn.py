@@ -70,7 +70,7 @@ def generate(model, cfg, request: GenerateRequest) -> GenerateResult:
     if sp.vocab_size() != cfg.vocab_size:
         raise UserError(f"the tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}")
     ids, fixed, out = bfn.build_sequence(cfg, request, sp)
-    n_steps = int(request.options.get("n_steps") or cfg.n_steps)
+    n_steps = bfn.sampling_steps(cfg, request)
     pad = cfg.seq_len - len(ids)
     device = model.wte.weight.device
     ids_t = torch.tensor(ids + [0] * pad, dtype=torch.long, device=device)

@@ -100,15 +100,12 @@ class OrtRunner:
     def __init__(self, bundle: Bundle, device: str = "cpu"):
         self.bundle = bundle
         self.device = device
-        self.ort_device = "cuda" if device == "cuda" else "cpu"
         providers_for(device)  # fail early, with the message, when the provider is missing
         self.sessions = {}
 
     def session(self, graph: str):
         if graph not in self.sessions:
-            spec = self.bundle.graphs.get(graph)
-            if spec is None:
-                raise UserError(f"bundle {self.bundle.path} has no graph {graph!r}")
+            spec = self.bundle.graph(graph)
             self.sessions[graph] = make_session(self.bundle.graph_path(graph), self.device,
                                                 custom_ops=bool(spec.custom_ops))
         return self.sessions[graph]
@@ -125,7 +122,7 @@ class OrtRunner:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         names = [o.name for o in sess.get_outputs()]
         for name in names:
-            binding.bind_output(name, self.ort_device)
+            binding.bind_output(name, self.device)
         sess.run_with_iobinding(binding)
         return dict(zip(names, binding.get_outputs()))
 

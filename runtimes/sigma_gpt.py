@@ -85,7 +85,7 @@ class BundleBurstPasses:
 
     def __init__(self, bundle, runner, batch_size: int, n_orders: int):
         cfg = bundle.family_config()
-        dtype = np.dtype(next(t.dtype for t in bundle.graphs["decode"].inputs if t.name == "past_k"))
+        dtype = bundle.input_dtype("decode", "past_k")
         self.runner, self.batch_size, self.n_orders = runner, batch_size, n_orders
         empty = np.zeros((cfg.n_layer, batch_size, cfg.n_head, 0, cfg.n_embd // cfg.n_head), dtype=dtype)
         self.past_k, self.past_v = empty, empty

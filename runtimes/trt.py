@@ -44,7 +44,7 @@ def check_engine_meta(meta: dict | None, graph: str, bundle: Bundle, engines: Pa
     """Refuse an engine this machine must not run; returns meta. Pure: no TensorRT, no GPU needed."""
     if meta is None:
         raise UserError(f"no TensorRT engine for graph {graph!r} in {engines}: run `bytedeploy build {bundle.path}`")
-    spec = bundle.graphs[graph]
+    spec = bundle.graph(graph)
     if meta.get("graph_sha256") != bundle.files.get(spec.file):
         raise UserError(f"engine {graph!r} in {engines} was built from another export of {spec.file} (sha256 "
                         f"differs): run `bytedeploy build {bundle.path} --force`")
@@ -107,8 +107,8 @@ class TrtRunner:
         self.meta = load_engine_metas(bundle, self.engines, self.module, self.trt.__version__,
                                       self.compute_capability)
         for graph, meta in self.meta.items():
-            if meta["plugins"]:
-                register_plugins(self.trt, bundle.graphs[graph])
+            if meta.get("plugins"):
+                register_plugins(self.trt, bundle.graph(graph))
         self.logger = make_logger(self.trt)
         self.runtime = self.trt.Runtime(self.logger)
         self.loaded = {}  # graph -> (engine, context, input names, output names)

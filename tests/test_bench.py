@@ -58,15 +58,11 @@ def test_bench_cpu_writes_json_rows_and_plot(tiny_bgpt, tmp_path):
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_bad_bundle_and_options_are_recorded_or_one_line_errors(tiny_bgpt, tmp_path):
-    out = tmp_path / "b.json"
-    args = ["bench", str(tiny_bgpt), "--backends", "eager,ort-cuda,trt", "--batch-sizes", "1", "--max-new", "4",
-            "--repeats", "1", "--device", "cpu", "--bundle", str(tmp_path / "missing"), "--out", str(out)]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["status"] for r in rows] == ["ok", "skipped", "skipped"]
-    assert all("cannot load the bundle" in r["reason"] for r in rows[1:])
+def test_bench_bad_bundle_and_options_are_one_line_errors(tiny_bgpt, tmp_path):
+    missing = CliRunner().invoke(cli, ["bench", str(tiny_bgpt), "--backends", "eager,ort", "--device", "cpu",
+                                       "--bundle", str(tmp_path / "missing")])
+    assert missing.exit_code == 1 and missing.output.strip().splitlines() == [
+        f"Error: bundle not found: {tmp_path / 'missing'}"]
     bad = CliRunner().invoke(cli, ["bench", str(tiny_bgpt), "--backends", "warp-drive", "--device", "cpu"])
     assert bad.exit_code == 1 and "unknown backend warp-drive" in bad.output
     with pytest.raises(UserError):

@@ -61,6 +61,9 @@ BAD_BUNDLES = {
     "unknown bytedeploy op": (lambda b: edit_manifest(b, set_custom_op("bytedeploy::Nope")),
                               ["byte_step", "'bytedeploy::Nope'"]),
     "foreign op": (lambda b: edit_manifest(b, set_custom_op("foo::Bar")), ["'foo::Bar'", "does not implement"]),
+    "unknown precision": (lambda b: edit_manifest(b, lambda d: d.update(precision="fp8")), ["precision 'fp8'"]),
+    "bad model config": (lambda b: edit_manifest(b, lambda d: d.update(model_config=[1, 2])), ["model_config"]),
+    "unknown family": (lambda b: edit_manifest(b, lambda d: d.update(family="gpt5")), ["unknown model family"]),
 }
 
 
@@ -120,3 +123,11 @@ def test_export_of_a_missing_checkpoint(tmp_path):
 def test_not_a_bundle(tmp_path):
     (tmp_path / "bundle.json").write_text("{\"format\": \"something else\"}")
     one_line_error(CliRunner().invoke(cli, ["generate", str(tmp_path)]), "not a bytedeploy bundle")
+
+
+def test_a_graph_the_loop_needs_left_out_of_the_manifest(good, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(good[1], copy)
+    edit_manifest(copy, lambda d: d["graphs"].pop(2))  # byte_step
+    result = CliRunner().invoke(cli, ["generate", str(copy), "--max-new", "4"])
+    one_line_error(result, "no graph 'byte_step'", "it has patch_prefill, patch_decode")

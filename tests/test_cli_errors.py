@@ -166,3 +166,19 @@ def test_backends_this_machine_or_this_input_cannot_run(ckpt, monkeypatch):
         "Error: the native backend needs a CUDA GPU"
     assert "bgpt has no backend 'burst'; available: eager-reference, eager, native, native+compile" in \
         invoke_error("generate", ckpt, "--backend", "burst", "--prompt", "a")
+
+
+def test_output_paths_and_devices_are_checked_before_any_work(tmp_path, ckpt):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    line = invoke_error("train", "bgpt", "--steps", 1, "-o", a_file)
+    assert line == f"Error: {a_file} is a file, not a checkpoint folder"
+    assert "is a file, not a folder" in invoke_error("generate", ckpt, "--prompt", "a", "-o", a_file / "x.txt")
+    assert "unknown device 'foo'" in invoke_error("generate", ckpt, "--prompt", "a", "--device", "foo")
+    bench = ("bench", ckpt, "--backends", "eager", "--batch-sizes", 1, "--max-new", 2, "--repeats", 1)
+    assert f"{a_file} exists; use --force" in invoke_error(*bench, "--out", a_file)
+    assert "is a file, not a folder" in invoke_error(*bench, "--plot", a_file / "p.png")
+    assert "unknown device 'foo'" in invoke_error(*bench, "--device", "foo")
+    assert a_file.read_text() == "x"
+    assert "opset 99 is newer" in invoke_error("export", ckpt, "-o", tmp_path / "b", "--opset", 99)
+    assert not (tmp_path / "b").exists()

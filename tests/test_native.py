@@ -185,3 +185,31 @@ def test_bfn_native_step_graph_equals_eager():
         a, b = runner.run(ids, fixed, 5), runner.run(ids, fixed, 5)
     assert torch.equal(a, b) and (a[:, :3] == ids[:3]).all()
     assert len(set(np.unique(a[:, 3:].cpu().numpy()).tolist())) > 2
+
+
+class FakeRunner:
+    pass
+
+
+def test_runner_cache_follows_the_weights_and_dies_with_the_model():
+    import copy
+    import gc
+    import weakref
+
+    def runner(model):
+        return native.cached_runner(model, ("k",), FakeRunner)
+
+    model = torch.nn.Linear(4, 4)
+    first = runner(model)
+    assert runner(model) is first  # same weights: reused
+    with torch.no_grad():
+        model.weight.add_(1.0)  # in place: a new version
+    second = runner(model)
+    assert second is not first
+    model.half()  # new storage and dtype, same version counters
+    assert runner(model) is not second
+    assert not copy.deepcopy(model).__dict__[native.RUNNERS_ATTRIBUTE]  # copies start without captured graphs
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -10,6 +10,7 @@ as the byte families); for a single file, its last eval fraction of characters.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,30 @@ def decode_utf8(data: bytes, source: str, cut: bool = False) -> str:
         if cut and e.reason == "unexpected end of data" and e.end == len(data):
             return data[:e.start].decode("utf-8")
         raise UserError(f"{source} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}") from None
+
+
+def load_corpus(spec: str, options: dict, stdlib_mb: float) -> tuple[str, str]:
+    """(train text, eval text) as a text family's data options ask: eval_data, when given, is the eval text and
+    nothing of spec is held out; else an eval_split fraction of spec is. first_mb keeps the first N megabytes of
+    spec (builtin:stdlib: stdlib_mb unless first_mb says)."""
+    first_mb = options.get("first_mb")
+    if first_mb is None and spec == "builtin:stdlib":
+        first_mb = stdlib_mb
+    if first_mb is not None and first_mb <= 0:
+        raise UserError(f"--first-mb must be > 0, got {first_mb}")
+    if options.get("eval_data"):
+        train, evals = cached_split(spec, 0.0, first_mb)[0], cached_split(options["eval_data"], 0.0, None)[0]
+    else:
+        train, evals = cached_split(spec, options.get("eval_split", 0.05), first_mb)
+    if not train:
+        raise UserError(f"no training text in {spec}")
+    return train, evals
+
+
+@functools.lru_cache(maxsize=4)
+def cached_split(spec: str, eval_fraction: float, first_mb: float | None) -> tuple[str, str]:
+    """load_text_split, read once: a family's prepare_config and make_data both need the corpus."""
+    return load_text_split(spec, eval_fraction, first_mb)
 
 
 def load_text_split(spec: str, eval_fraction: float = 0.05, first_mb: float | None = None) -> tuple[str, str]:

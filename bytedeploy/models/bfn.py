@@ -78,7 +78,8 @@ from bytedeploy.data.sentencepiece_tokenizer import (
     read_model_file,
     sentencepiece_model_bytes,
 )
-from bytedeploy.data.text import TokenWindows, load_text_split
+from bytedeploy.data.text import TokenWindows
+from bytedeploy.data.text import load_corpus as text_corpus
 from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.models.layers import MLP, GPT2StackConfig
@@ -321,16 +322,7 @@ class FlowWindows:
 
 
 def load_corpus(spec: str, options: dict) -> tuple[str, str]:
-    """-> (train text, eval text); builtin:stdlib reads its first BUILTIN_DEFAULT_MB unless --first-mb says."""
-    first_mb = options.get("first_mb")
-    if first_mb is None and spec == "builtin:stdlib":
-        first_mb = BUILTIN_DEFAULT_MB
-    if first_mb is not None and first_mb <= 0:
-        raise UserError(f"--first-mb must be > 0, got {first_mb}")
-    train, evals = load_text_split(spec, options.get("eval_split", 0.05), first_mb)
-    if options.get("eval_data"):
-        evals = load_text_split(options["eval_data"], 0.0)[0]
-    return train, evals
+    return text_corpus(spec, options, BUILTIN_DEFAULT_MB)
 
 
 def tokenizer_bytes(options: dict) -> bytes | None:
@@ -501,6 +493,14 @@ def build_sequence(cfg: Config, request: GenerateRequest, sp) -> tuple[list[int]
     return prompt, [True] * len(prompt), slice(len(prompt), len(prompt) + max_new)
 
 
+def sampling_steps(cfg: Config, request: GenerateRequest) -> int:
+    """The request's n_steps option, else the model's; every backend reads it here."""
+    n_steps = int(request.options.get("n_steps") or cfg.n_steps)
+    if n_steps < 1:
+        raise UserError(f"the Bayesian-flow sampler needs at least 1 step, not {n_steps}")
+    return n_steps
+
+
 def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str = "eager") -> GenerateResult:
     if backend not in BACKENDS:
         raise UserError(f"bfn has no backend {backend!r} here; choose from {', '.join(BACKENDS)}")
@@ -508,7 +508,7 @@ def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str =
     if sp.vocab_size() != cfg.vocab_size:
         raise UserError(f"the tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}")
     ids, fixed, out = build_sequence(cfg, request, sp)
-    n_steps = int(request.options.get("n_steps") or cfg.n_steps)
+    n_steps = sampling_steps(cfg, request)
     pad = cfg.seq_len - len(ids)  # positions after the used ones are sampled too: the network knows L tokens
     ids_t = torch.tensor(ids + [0] * pad, dtype=torch.long)
     fixed_t = torch.tensor(fixed + [False] * pad, dtype=torch.bool)

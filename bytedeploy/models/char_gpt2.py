@@ -48,7 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bytedeploy.data.text import TokenWindows, load_text_split
+from bytedeploy.data.text import TokenWindows
+from bytedeploy.data.text import load_corpus as text_corpus
 from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig, init_gpt2_weights
@@ -136,16 +137,7 @@ def load_tokenizer(options: dict) -> CharTokenizer | None:
 
 
 def load_corpus(spec: str, options: dict) -> tuple[str, str]:
-    """-> (train text, eval text) as the options ask."""
-    first_mb = options.get("first_mb")
-    if first_mb is None and spec == "builtin:stdlib":
-        first_mb = BUILTIN_DEFAULT_MB
-    if first_mb is not None and first_mb <= 0:
-        raise UserError(f"--first-mb must be > 0, got {first_mb}")
-    train, evals = load_text_split(spec, options.get("eval_split", 0.05), first_mb)
-    if options.get("eval_data"):
-        evals = load_text_split(options["eval_data"], 0.0)[0]
-    return train, evals
+    return text_corpus(spec, options, BUILTIN_DEFAULT_MB)
 
 
 def prepare_config(cfg: Config, spec: str, options: dict) -> Config:

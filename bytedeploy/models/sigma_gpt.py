@@ -58,7 +58,6 @@ Where we differ from the paper and its code, and why:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +67,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bytedeploy.data.text import TokenWindows, load_text_split
+from bytedeploy.data.text import TokenWindows, load_corpus
 from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig, init_gpt2_weights
@@ -165,24 +164,8 @@ class Model(nn.Module):
 # ----------------------------------------------------------------------------------------------- data
 
 
-@functools.lru_cache(maxsize=4)
-def load_corpus(spec: str, eval_fraction: float, first_mb: float | None) -> tuple[str, str]:
-    """(train text, eval text); cached because prepare_config and make_data both read it."""
-    if first_mb is None and spec == "builtin:stdlib":
-        first_mb = BUILTIN_DEFAULT_MB
-    if first_mb is not None and first_mb <= 0:
-        raise UserError(f"--first-mb must be > 0, got {first_mb}")
-    train, evals = load_text_split(spec, eval_fraction, first_mb)
-    if not train:
-        raise UserError(f"no training text in {spec}")
-    return train, evals
-
-
 def corpus(spec: str, options: dict) -> tuple[str, str]:
-    first_mb = options.get("first_mb")
-    if options.get("eval_data"):
-        return load_corpus(spec, 0.0, first_mb)[0], load_corpus(options["eval_data"], 0.0, first_mb)[0]
-    return load_corpus(spec, options.get("eval_split", 0.05), first_mb)
+    return load_corpus(spec, options, BUILTIN_DEFAULT_MB)
 
 
 def load_tokenizer(options: dict) -> CharTokenizer | None:
