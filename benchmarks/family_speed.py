@@ -15,25 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import tempfile
 import time
 
 import torch
 
+from bytedeploy.bench import machine_name, parse_value
 from bytedeploy.cli import build_model_config
 from bytedeploy.generation import GenerateRequest
 from bytedeploy.registry import get_family
 from bytedeploy.sampling import SamplingConfig
 from bytedeploy.training import TrainConfig, train
-
-
-def machine_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def run(family: str, preset: str, steps: int, batch_size: int, lr: float, data: str, prompt: str, max_new: int,
@@ -110,10 +103,7 @@ def main():
     options = {}
     for kv in a.option:
         k, v = kv.split("=", 1)
-        try:
-            options[k] = float(v) if "." in v else int(v)
-        except ValueError:
-            options[k] = v
+        options[k] = parse_value(v)
     result = run(a.family, a.preset, a.steps, a.batch_size, a.lr, a.data, a.prompt, a.max_new, options, a.device)
     text = json.dumps(result, indent=2)
     print(text)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bytedeploy.benchmarks.family_speed import machine_name
+from bytedeploy.bench import machine_name
 from bytedeploy.exporters import EXPORTERS
 from bytedeploy.generation import GenerateRequest
 from bytedeploy.runtimes import LOOPS

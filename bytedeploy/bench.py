@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,9 +72,11 @@ class BenchConfig:
 
 
 def machine_name() -> str:
-    from bytedeploy.benchmarks.family_speed import machine_name as name
-
-    return name()
+    """The GPU (or CPU) that results were measured on, with the torch version; every benchmark names it so."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def run_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
