@@ -51,16 +51,13 @@ def sample_loop(runner, ids: np.ndarray, fixed: np.ndarray, vocab_size: int, bet
 def generate(bundle, runner, request: GenerateRequest) -> GenerateResult:
     cfg = bundle.family_config()
     sp = bfn.request_tokenizer(GenerateRequest(options={"assets": str(bundle.assets)}))
-    ids, fixed, out = bfn.build_sequence(cfg, request, sp)
-    n_steps = bfn.sampling_steps(cfg, request)
-    pad = cfg.seq_len - len(ids)  # positions after the used ones are sampled too: the network knows L tokens
+    plan = bfn.plan_generation(cfg, request, sp)
     B = request.batch_size
-    ids_np = np.tile(np.array(ids + [0] * pad, dtype=np.int64), (B, 1))
-    fixed_np = np.tile(np.array(fixed + [False] * pad, dtype=bool), (B, 1))
+    ids_np = np.tile(np.array(plan.ids, dtype=np.int64), (B, 1))
+    fixed_np = np.tile(np.array(plan.fixed, dtype=bool), (B, 1))
     t0 = time.perf_counter()
-    tokens = sample_loop(runner, ids_np, fixed_np, cfg.vocab_size, cfg.beta, n_steps, request.sampling)
+    tokens = sample_loop(runner, ids_np, fixed_np, cfg.vocab_size, cfg.beta, plan.n_steps, request.sampling)
     seconds = time.perf_counter() - t0
-    n_new = sum(not f for f in fixed[out]) if request.options.get("infill") else out.stop - out.start
-    outputs = [sp.decode(row).encode("utf-8") for row in tokens[:, out].tolist()]
-    return GenerateResult(outputs, n_new * B, seconds, bfn.UNIT, passes=n_steps + 1,
-                          extra={"n_steps": n_steps})
+    outputs = [sp.decode(row).encode("utf-8") for row in tokens[:, plan.out].tolist()]
+    return GenerateResult(outputs, plan.n_new * B, seconds, bfn.UNIT, passes=plan.n_steps + 1,
+                          extra={"n_steps": plan.n_steps})

@@ -501,29 +501,43 @@ def sampling_steps(cfg: Config, request: GenerateRequest) -> int:
     return n_steps
 
 
+@dataclass
+class Plan:
+    """A generate request laid out on the model's seq_len positions (every backend samples from one)."""
+    ids: list[int]  # prompt / template tokens, 0 elsewhere; seq_len long
+    fixed: list[bool]  # positions the sampler keeps (conditioning); seq_len long
+    out: slice  # the positions returned
+    n_steps: int
+    n_new: int  # sampled tokens per row inside out
+
+
+def plan_generation(cfg: Config, request: GenerateRequest, sp) -> Plan:
+    if sp.vocab_size() != cfg.vocab_size:
+        raise UserError(f"the tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}")
+    ids, fixed, out = build_sequence(cfg, request, sp)
+    pad = cfg.seq_len - len(ids)  # positions after the used ones are sampled too: the network knows L tokens
+    n_new = sum(not f for f in fixed[out]) if request.options.get("infill") else out.stop - out.start
+    return Plan(ids + [0] * pad, fixed + [False] * pad, out, sampling_steps(cfg, request), n_new)
+
+
 def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str = "eager") -> GenerateResult:
     if backend not in BACKENDS:
         raise UserError(f"bfn has no backend {backend!r} here; choose from {', '.join(BACKENDS)}")
     sp = request_tokenizer(request)
-    if sp.vocab_size() != cfg.vocab_size:
-        raise UserError(f"the tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}")
-    ids, fixed, out = build_sequence(cfg, request, sp)
-    n_steps = sampling_steps(cfg, request)
-    pad = cfg.seq_len - len(ids)  # positions after the used ones are sampled too: the network knows L tokens
-    ids_t = torch.tensor(ids + [0] * pad, dtype=torch.long)
-    fixed_t = torch.tensor(fixed + [False] * pad, dtype=torch.bool)
+    plan = plan_generation(cfg, request, sp)
+    ids_t = torch.tensor(plan.ids, dtype=torch.long)
+    fixed_t = torch.tensor(plan.fixed, dtype=torch.bool)
     device = model_device(model)
     sync(device)
     t0 = time.perf_counter()
     loop = generate_reference if backend == "eager-reference" else generate_eager
-    tokens = loop(model, ids_t, fixed_t, n_steps, request.sampling, request.batch_size)
-    rows = tokens[:, out].tolist()
+    tokens = loop(model, ids_t, fixed_t, plan.n_steps, request.sampling, request.batch_size)
+    rows = tokens[:, plan.out].tolist()
     sync(device)
     seconds = time.perf_counter() - t0
-    n_new = sum(not f for f in fixed[out]) if request.options.get("infill") else out.stop - out.start
     outputs = [sp.decode(row).encode("utf-8") for row in rows]
-    return GenerateResult(outputs, n_new * request.batch_size, seconds, UNIT, passes=n_steps + 1,
-                          extra={"n_steps": n_steps})
+    return GenerateResult(outputs, plan.n_new * request.batch_size, seconds, UNIT, passes=plan.n_steps + 1,
+                          extra={"n_steps": plan.n_steps})
 
 
 def sync(device: torch.device) -> None:
