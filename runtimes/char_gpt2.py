@@ -1,10 +1,6 @@
 """Char GPT-2 sampling loop on a bundle's prefill and decode graphs: char_gpt2.generate_cached over a runner.
 
-The same algorithm as the eager loop: the prompt's last block_size characters are one prefill; while the context
-has room each new character is one decode step on the cached keys and values (kept as runner values, never copied
-to the host); once it is full the window slides by one character per step and the last block_size characters are
-re-prefilled from position 0 (learned absolute positions make every cached entry stale). Only the logits come to
-the host, where the unknown symbol is masked and bytedeploy.sampling draws the token.
+runtimes/windowed.py's loop with char GPT-2's feeds; the unknown symbol is masked on the host before each draw.
 """
 
 from __future__ import annotations
@@ -12,11 +8,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.models import char_gpt2
-from bytedeploy.sampling import SamplingConfig, make_generator, sample
+from bytedeploy.runtimes.windowed import generate_windowed
+from bytedeploy.sampling import SamplingConfig
 
 
 def generate(bundle, runner, request: GenerateRequest) -> GenerateResult:
@@ -35,23 +31,9 @@ def generate(bundle, runner, request: GenerateRequest) -> GenerateResult:
 def generate_cached(runner, block_size: int, ids: list[int], max_new: int, sampling: SamplingConfig,
                     batch_size: int = 1, unknown_id: int = 0) -> np.ndarray:
     """-> new ids (batch_size, max_new); char_gpt2.generate_cached step for step."""
-    T = block_size
-    gen = make_generator(sampling.seed, "cpu")
-    window = ids[-T:]
-    n0 = len(window)
-    seq = np.empty((batch_size, n0 + max_new), dtype=np.int64)
-    seq[:, :n0] = window
-    out = runner.run("prefill", {"idx": seq[:, :n0]})
-    n = n0
-    for i in range(max_new):
-        logits = torch.from_numpy(runner.to_numpy(out["logits"]))
-        seq[:, n] = sample(char_gpt2.mask_unknown(logits, unknown_id), sampling, gen).numpy()
-        n += 1
-        if i + 1 == max_new:
-            break
-        if n <= T:
-            out = runner.run("decode", {"idx": seq[:, n - 1:n], "position": np.full((batch_size, 1), n - 1),
-                                        "past_k": out["present_k"], "past_v": out["present_v"]})
-        else:  # the window slid: every position moved, so the cache is stale; recompute the whole window
-            out = runner.run("prefill", {"idx": seq[:, n - T:n]})
-    return seq[:, n0:n]
+    return generate_windowed(
+        runner, block_size, ids, max_new, sampling, batch_size,
+        prefill_feeds=lambda window: {"idx": window},
+        decode_feeds=lambda token, pos, out: {"idx": token, "position": np.full((batch_size, 1), pos),
+                                              "past_k": out["present_k"], "past_v": out["present_v"]},
+        transform=lambda logits: char_gpt2.mask_unknown(logits, unknown_id))
