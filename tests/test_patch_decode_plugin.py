@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
+from plugin_descs import Expr, ExprBuilder, dynamic_desc, tensor_desc
 
 from bytedeploy.checkpoint import load_model, save_checkpoint
 from bytedeploy.cli import cli
@@ -189,33 +190,6 @@ def test_register_plugins_registers_both_creators():
     creator = trt.get_plugin_registry().get_creator("BytePatchDecode", "1", "bytedeploy")
     assert creator is not None and creator.name == "BytePatchDecode"
     assert {f.name for f in creator.field_names} == set(PLUGIN_FIELDS)
-
-
-class Expr(SimpleNamespace):
-    pass
-
-
-class ExprBuilder:
-    def constant(self, value):
-        return Expr(constant=value)
-
-
-def tensor_desc(type_name: str, dims, fmt: str = "LINEAR"):
-    """A PluginTensorDesc: TensorRT's own when installed, else a stand-in with the same attributes."""
-    if trt is None:
-        return SimpleNamespace(type=SimpleNamespace(name=type_name), dims=tuple(dims),
-                               format=SimpleNamespace(name=fmt))
-    desc = trt.PluginTensorDesc()
-    desc.type, desc.format, desc.dims = getattr(trt.DataType, type_name), getattr(trt.TensorFormat, fmt), trt.Dims(dims)
-    return desc
-
-
-def dynamic_desc(type_name: str, dims, fmt: str = "LINEAR"):
-    if trt is None:
-        return SimpleNamespace(desc=tensor_desc(type_name, dims, fmt))
-    desc = trt.DynamicPluginTensorDesc()
-    desc.desc = tensor_desc(type_name, dims, fmt)
-    return desc
 
 
 @pytest.fixture(scope="module")

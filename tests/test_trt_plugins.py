@@ -6,10 +6,10 @@ with TensorRT's own descriptor objects. Without it (the GPU machine): the same m
 against bitlinear_int. get_output_shapes always gets stand-in dimension expressions: a real IExprBuilder exists only
 inside a TensorRT builder."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
+from plugin_descs import Expr, ExprBuilder, dynamic_desc, tensor_desc
 
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS
 from bytedeploy.models.bitlinear import bitlinear_int, pack_ternary
@@ -20,24 +20,6 @@ trt = trt_plugins.trt
 needs_trt = pytest.mark.skipif(trt is None, reason="TensorRT's Python module (tensorrt / tensorrt_rtx) is missing")
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or bitlinear_kernels.triton is None,
                          reason="needs a CUDA GPU and Triton")
-
-
-def tensor_desc(type_name: str, dims, fmt: str = "LINEAR"):
-    """A PluginTensorDesc: TensorRT's own when installed, else a stand-in with the same attributes."""
-    if trt is None:
-        return SimpleNamespace(type=SimpleNamespace(name=type_name), dims=tuple(dims),
-                               format=SimpleNamespace(name=fmt))
-    desc = trt.PluginTensorDesc()
-    desc.type, desc.format, desc.dims = getattr(trt.DataType, type_name), getattr(trt.TensorFormat, fmt), trt.Dims(dims)
-    return desc
-
-
-def dynamic_desc(type_name: str, dims, fmt: str = "LINEAR"):
-    if trt is None:
-        return SimpleNamespace(desc=tensor_desc(type_name, dims, fmt))
-    desc = trt.DynamicPluginTensorDesc()
-    desc.desc = tensor_desc(type_name, dims, fmt)
-    return desc
 
 
 def make_plugin(K: int, N: int) -> BitLinearPlugin:
@@ -103,15 +85,6 @@ def test_output_type_follows_x():
     if trt is not None:
         types = [getattr(trt.DataType, t) for t in types]
     assert plugin.get_output_data_types(types) == [types[0]]
-
-
-class Expr(SimpleNamespace):
-    pass
-
-
-class ExprBuilder:
-    def constant(self, value):
-        return Expr(constant=value)
 
 
 def test_output_shapes_keep_symbolic_leading_dims():
