@@ -11,6 +11,10 @@ fit in L2 does, and launch overhead on the host is out of the picture (decode lo
 warm-up replays, each replay is timed with CUDA events; the time of one call is the median replay time / R. The
 integer reference (bitlinear_int: unpacking plus a float64 matmul) is timed with events around eager calls. Ratios
 compare times measured in this same run. Achieved bandwidth = weight bytes read per call / time per call.
+
+Each row names the autotune config that won (kernel_config) and the autotuner's own timings of its candidates
+(autotune_us). With --all-configs every candidate is also forced in turn and timed the same way as the kernel
+(graph_us_per_config), so a row shows whether the autotuner's pick is also the fastest in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -75,14 +79,51 @@ def copies_for(bytes_per_copy: int, l2_bytes: int) -> int:
     return max(2, min(256, math.ceil(3 * l2_bytes / bytes_per_copy)))
 
 
-def tuned_config(M: int) -> str:
+def tuner_for(M: int):
     from bytedeploy.plugins import bitlinear_kernels as bk
 
-    tuner = bk._gemv_tuned if M <= bk.GEMV_MAX_TOKENS else bk._gemm_tuned
-    return str(getattr(tuner, "best_config", None))
+    return bk._gemv_tuned if M <= bk.GEMV_MAX_TOKENS else bk._gemm_tuned
 
 
-def bench_shape(N: int, K: int, tokens: list[int], replays: int, l2_bytes: int) -> list[dict]:
+def tuned_config(M: int) -> str:
+    return str(getattr(tuner_for(M), "best_config", None))
+
+
+def autotune_timings(M: int, top: int = 8) -> dict:
+    """The autotuner's own measurements of its candidates for the last key it tuned (median microseconds of
+    triton's do_bench, L2 flushed), fastest first; the GEMV's PRE configs include the x-quantization launch."""
+    timings = getattr(tuner_for(M), "configs_timings", None) or {}
+    ranked = sorted(timings.items(), key=lambda item: item[1][0] if isinstance(item[1], (list, tuple)) else item[1])
+    return {str(config): round(1000 * (t[0] if isinstance(t, (list, tuple)) else t), 3) for config, t in ranked[:top]}
+
+
+def bench_all_configs(x, packed, beta, packed_copies, replays: int) -> dict:
+    """Every autotune candidate forced in turn, timed like the kernel (CUDA graph over the weight copies) and
+    checked bitwise: {config: microseconds or an error}, fastest first."""
+    from bytedeploy.plugins import bitlinear_kernels as bk
+
+    (M, K), N = x.shape, packed.size(0)
+    kind, configs = ("gemv", bk._GEMV_CONFIGS) if M <= bk.GEMV_MAX_TOKENS else ("gemm", bk._GEMM_CONFIGS)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    ref = bitlinear_int(x, packed, beta, K).to(x.dtype)
+    times = {}
+    for config in configs:
+        bk.FORCED_CONFIG[kind] = config
+        try:
+            if not torch.equal(bk.bitlinear_w2a8(x, packed, beta, K), ref):
+                times[str(config)] = "NOT EXACT"
+                continue
+            times[str(config)] = round(time_graph([lambda w=w: bk.bitlinear_w2a8(x, w, beta, K, out=out)
+                                                   for w in packed_copies], replays), 3)
+        except Exception as e:  # a config this GPU cannot compile (resources): recorded, not fatal
+            times[str(config)] = f"{type(e).__name__}: {str(e)[:200]}"
+        finally:
+            bk.FORCED_CONFIG.pop(kind, None)
+    return dict(sorted(times.items(), key=lambda item: item[1] if isinstance(item[1], float) else float("inf")))
+
+
+def bench_shape(N: int, K: int, tokens: list[int], replays: int, l2_bytes: int,
+                all_configs: bool = False) -> list[dict]:
     dev = torch.device("cuda")
     gen = torch.Generator(device="cpu").manual_seed(0)
     w_int = torch.randint(-1, 2, (N, K), generator=gen, dtype=torch.int8)
@@ -96,6 +137,11 @@ def bench_shape(N: int, K: int, tokens: list[int], replays: int, l2_bytes: int) 
     for M in tokens:
         x = torch.randn(M, K, generator=gen).half().to(dev)
         row = {"N": N, "K": K, "M": M, **bench_tokens(x, packed, beta, packed_copies, fp16_copies, replays)}
+        if all_configs:
+            row["graph_us_per_config"] = bench_all_configs(x, packed, beta, packed_copies, replays)
+            fastest = next(iter(row["graph_us_per_config"]))
+            row["graph_fastest_config"] = fastest
+            row["autotune_agrees_with_graph_timing"] = fastest == row["kernel_config"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -113,7 +159,7 @@ def bench_tokens(x, packed, beta, packed_copies, fp16_copies, replays: int) -> d
     ours_eager = time_eager(lambda: bitlinear_w2a8(x, packed, beta, K, out=out), reps=50)
     packed_bytes, fp16_bytes = packed.numel(), fp16_copies[0].numel() * 2
     return {
-        "exact_vs_reference": exact, "kernel_config": tuned_config(M),
+        "exact_vs_reference": exact, "kernel_config": tuned_config(M), "autotune_us": autotune_timings(M),
         "w2a8_us": round(ours, 3), "fp16_linear_us": round(fp16, 3), "int_reference_us": round(reference, 1),
         "w2a8_eager_launch_us": round(ours_eager, 3),
         "speedup_vs_fp16": round(fp16 / ours, 3), "speedup_vs_int_reference": round(reference / ours, 1),
@@ -158,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated NxK (out x in features)")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts M")
     parser.add_argument("--replays", type=int, default=50)
+    parser.add_argument("--all-configs", action="store_true",
+                        help="also time every autotune candidate (forced, CUDA graph) and record them per row")
     args = parser.parse_args(argv)
 
     from bytedeploy.plugins.bitlinear_kernels import missing_requirement
@@ -181,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
     }
     for N, K in shapes:
-        result["rows"] += bench_shape(N, K, tokens, args.replays, props.L2_cache_size)
+        result["rows"] += bench_shape(N, K, tokens, args.replays, props.L2_cache_size, args.all_configs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))

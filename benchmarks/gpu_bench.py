@@ -55,7 +55,7 @@ def make_checkpoint(family: str, preset: str, out: Path) -> Path:
 
 
 def bench_family(family: str, root: Path, batch_sizes: list[int], repeats: int, ort_cuda: bool,
-                 only: list[str] | None = None) -> dict:
+                 only: list[str] | None = None, dtype: str = "float32") -> dict:
     from bytedeploy.exporters import export
 
     preset, max_new, options, extra = FAMILIES[family]
@@ -66,15 +66,16 @@ def bench_family(family: str, root: Path, batch_sizes: list[int], repeats: int, 
     if "ort-cuda" in backends:
         bundle = root / f"{family}-bundle"
         t0 = time.perf_counter()
-        export(ckpt, bundle, "fp32")
+        export(ckpt, bundle, {"float32": "fp32", "float16": "fp16"}.get(dtype, "fp32"))
         print(f"{family}: exported {bundle} in {time.perf_counter() - t0:.1f} s", flush=True)
     bc = BenchConfig(backends, batch_sizes, max_new, b"import os\n", repeats, 1, str(bundle) if bundle else None,
-                     "cuda", "float32", dict(options), SamplingConfig(temperature=0.0))
+                     "cuda", dtype, dict(options), SamplingConfig(temperature=0.0))
     result = run_bench(str(ckpt), bc, echo=lambda line: print(f"{family}: {line}", flush=True))
     result["preset"] = preset
     result["command"] = (f"bytedeploy bench CKPT --backends {','.join(backends)} --batch-sizes "
                          f"{','.join(map(str, batch_sizes))} --max-new {max_new} --repeats {repeats} "
-                         f"--reference-max-batch 1" + "".join(f" --option {k}={v}" for k, v in options.items())
+                         f"--reference-max-batch 1 --dtype {dtype}"
+                         + "".join(f" --option {k}={v}" for k, v in options.items())
                          + (" --bundle BUNDLE" if bundle else ""))
     return result
 
@@ -86,6 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", default=None, help="comma-separated subset of the backends [default: all]")
+    parser.add_argument("--dtype", default="float32", help="the models' dtype for every backend [float32]")
     parser.add_argument("--one", action="store_true", help="(internal) bench the one family in this process")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -95,7 +97,7 @@ def main(argv=None) -> None:
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
             only = args.backends.split(",") if args.backends else None
-            result = bench_family(args.families, Path(tmp), sizes, args.repeats, has_ort_cuda(), only)
+            result = bench_family(args.families, Path(tmp), sizes, args.repeats, has_ort_cuda(), only, args.dtype)
         out.write_text(json.dumps(result, default=str) + "\n")
         return
     doc = {"machine": torch.cuda.get_device_name(0), "torch": torch.__version__, "ort_cuda": has_ort_cuda(),
@@ -105,7 +107,8 @@ def main(argv=None) -> None:
         # one process per family: peak memory and allocator state are the family's own
         part = out.with_name(f".{out.stem}-{family}.part.json")
         subprocess.run([sys.executable, "-m", "bytedeploy.benchmarks.gpu_bench", "--one", "--families", family,
-                        "--out", str(part), "--batch-sizes", args.batch_sizes, "--repeats", str(args.repeats)]
+                        "--out", str(part), "--batch-sizes", args.batch_sizes, "--repeats", str(args.repeats),
+                        "--dtype", args.dtype]
                        + (["--backends", args.backends] if args.backends else []),
                        check=True)
         result = json.loads(part.read_text())

@@ -2,19 +2,26 @@
 
     y = bitlinear_w2a8(x, packed_weight, weight_scale, in_features)   # == bitlinear_int(...).to(x.dtype), bitwise
 
-Two kernels, picked by the number of tokens M (all leading dims of x flattened):
+Two paths, picked by the number of tokens M (all leading dims of x flattened); their variants and block sizes are
+triton.autotune configs (_GEMV_CONFIGS, _GEMM_CONFIGS), so a GPU picks its fastest at the first (warm-up) call:
 
-  decode GEMV (M <= GEMV_MAX_TOKENS)  one fused kernel; grid (N / BLOCK_N, M). Each program computes its token's
-        absmax over the whole row (x is tiny and stays in L1/L2), quantizes x on the fly into int8x4 words and
-        reads its weight rows as int32 words (16 ternary values each). Per word and bit plane i, two masks give the
-        +1 and -1 bytes, ``lo + hi * 255`` turns them into four signed int8 in one register, and one ``dp4a``
-        (4 int8 products summed into int32) accumulates them: about 1.5 integer instructions per weight, so the
-        kernel stays bound by the 2 bits per weight it reads. The first weight chunk is loaded before the absmax
-        pass so that its DRAM latency overlaps it.
+  decode GEMV (M <= GEMV_MAX_TOKENS)  grid (N / BLOCK_N, M); weight rows read as int32 words (16 ternary values).
+        Per word, two masks (w >> 2 s) & 0x33333333 put 8 codes in nibbles, and one byte permute (prmt) per half
+        word turns 4 codes into an int8x4 of {-1, 0, 1} that one dp4a multiplies with 4 int8 activations: about
+        13 integer instructions per 16 weights. Two variants (the autotune meta PRE):
+          PRE=False  fused, one launch: each program computes its token's absmax over the whole row and quantizes x
+                     into the int8x4 words itself (the first weight chunk's loads go out first, to overlap).
+          PRE=True   _quantize_words_kernel quantizes x once per token into those words (M, 4, KW) (launched by
+                     the configs' pre_hook, so the autotuner times both launches together); the GEMV only streams
+                     weights. More launches, far fewer instructions per program: which wins is measured.
   batch GEMM (M > GEMV_MAX_TOKENS)    a row-quantization kernel writes x_int as int8 in a plane-major layout
         (M, 4, ceil(K/4)) — x_q[m, i, j] = x_int[m, 4j + i], the order in which the packed bytes hold the weights —
-        then a tiled kernel decodes each (BLOCK_B, BLOCK_N) byte tile into four int8 planes and multiplies them on
-        the tensor cores (tl.dot int8 x int8 -> int32).
+        and zeroes the split-K scratch; then a tiled kernel decodes each (BLOCK_B, BLOCK_N) byte tile into four
+        int8 planes (4 bytes per 32-bit register op on the GPU) and multiplies them on the tensor cores (tl.dot
+        int8 x int8 -> int32). Split-K (autotune meta SPLIT_K, grid axis 2) gives N / BLOCK_N * SPLIT_K programs
+        instead of too few long ones: the splits add int32 partial sums with atomics (integer addition is exact in
+        any order) and the last split of each tile (an atomic counter) rescales and stores, then leaves the scratch
+        at zero again.
 
 Exactness. The integer parts are exact: int32 accumulation (dp4a / int8 MMA) of products of integers. The float
 parts repeat bitlinear_int's IEEE float32 operations in the same order, so y is bitwise equal to
@@ -29,7 +36,10 @@ Rows whose byte count is not a multiple of 4 (K % 16 != 0) are zero-padded to wh
 copy; every real model size avoids it).
 
 Without a GPU, ``TRITON_INTERPRET=1`` (set before triton is imported) runs the same kernels on CPU tensors with
-numpy; there the PTX-only steps (libdevice rint, dp4a) take portable Triton forms with the same results.
+numpy; there the PTX-only steps (libdevice rint, dp4a, prmt, the packed plane decode) take portable Triton forms
+with the same results, and _INTERPRET_* small blocks replace autotuning. FORCED_CONFIG pins one config (tests run
+every candidate; the benchmark's --all-configs times each). (The interpreter converts float32 -> bfloat16 by
+truncation, not round-to-nearest as the GPU and torch do, so bfloat16 is checked bitwise only on the GPU.)
 """
 
 from __future__ import annotations
@@ -102,6 +112,49 @@ if triton is not None:
             return acc
 
     @triton.jit
+    def _ternary_int8x4(nibbles, PTX: tl.constexpr):
+        """int8x4 word of ternary values from the 4 low nibbles of `nibbles` (int32), each holding a 2-bit code
+        (00 -> 0, 01 -> +1, 10 -> -1) in its low 2 bits: byte e = the value of nibble e. On the GPU that is one
+        byte permute (prmt) whose source bytes are the table {0, 1, -1, 0}: byte e of the result = source byte
+        number (nibble e)."""
+        if PTX:
+            return tl.inline_asm_elementwise("prmt.b32 $0, 0x00FF0100, 0, $1;", "=r,r", [nibbles],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            out = nibbles & 0
+            for e in tl.static_range(4):
+                code = (nibbles >> (4 * e)) & 3
+                out |= (((code & 1) - (code >> 1)) & 255) << (8 * e)
+            return out
+
+    @triton.jit
+    def _bytes_asm(wb, asm: tl.constexpr):
+        """int8 result of `asm` applied to uint8 wb four bytes at a time (one 32-bit register each)."""
+        return tl.inline_asm_elementwise(asm, "=r,r", [wb], dtype=tl.int8, is_pure=True, pack=4)
+
+    @triton.jit
+    def _ternary_plane(wb, i: tl.constexpr, PTX: tl.constexpr):
+        """int8 {-1, 0, 1} values of bit pair i of the packed weight bytes wb (uint8). On the GPU four bytes at a
+        time in 32-bit registers (inline asm, pack=4): plus = code bit 0, minus = code bit 1 of each byte, and
+        plus + minus * 255 puts 1 or 0xFF (-1) in each byte without carries: 5 instructions per 4 weights."""
+        if PTX:
+            if i == 0:
+                return _bytes_asm(wb, "{.reg .b32 p, q; and.b32 p, $1, 0x01010101; shr.b32 q, $1, 1; "
+                                      "and.b32 q, q, 0x01010101; mad.lo.u32 $0, q, 255, p;}")
+            elif i == 1:
+                return _bytes_asm(wb, "{.reg .b32 p, q; shr.b32 p, $1, 2; and.b32 p, p, 0x01010101; "
+                                      "shr.b32 q, $1, 3; and.b32 q, q, 0x01010101; mad.lo.u32 $0, q, 255, p;}")
+            elif i == 2:
+                return _bytes_asm(wb, "{.reg .b32 p, q; shr.b32 p, $1, 4; and.b32 p, p, 0x01010101; "
+                                      "shr.b32 q, $1, 5; and.b32 q, q, 0x01010101; mad.lo.u32 $0, q, 255, p;}")
+            else:
+                return _bytes_asm(wb, "{.reg .b32 p, q; shr.b32 p, $1, 6; and.b32 p, p, 0x01010101; "
+                                      "shr.b32 q, $1, 7; and.b32 q, q, 0x01010101; mad.lo.u32 $0, q, 255, p;}")
+        else:
+            code = ((wb >> (2 * i)) & 3).to(tl.int8)
+            return (code & 1) - (code >> 1)
+
+    @triton.jit
     def _row_absmax(x_row, K, BLOCK_AMAX: tl.constexpr):
         amax = tl.zeros([BLOCK_AMAX], tl.float32)
         for k0 in range(0, K, BLOCK_AMAX):
@@ -110,53 +163,87 @@ if triton is not None:
         return tl.max(amax, axis=0)
 
     @triton.jit
-    def _x_plane_words(x_row, words, K, scale, i: tl.constexpr, PTX: tl.constexpr):
-        """int8x4 words of x_int for bit plane i: byte b of word j holds x_int[16 j + 4 b + i], the value that
-        meets bits 2i..2i+1 of weight byte 4 j + b."""
+    def _x_words(x_row, words, K, scale, s: tl.constexpr, h: tl.constexpr, PTX: tl.constexpr):
+        """int8x4 words of x_int that meet _ternary_int8x4(((w >> 2 s) & 0x33333333) >> 16 h) for weight word w:
+        byte e of word j holds x_int[16 j + 8 h + 2 e + s] (nibble 4 h + e of that mask holds the code in bits
+        16 h + 4 e + 2 s of the word, i.e. weight 8 h + 2 e + s of its 16)."""
         packed = tl.zeros(words.shape, tl.int32)
-        for b in tl.static_range(4):
-            k = 16 * words + 4 * b + i
+        for e in tl.static_range(4):
+            k = 16 * words + 8 * h + 2 * e + s
             q = _quantize(tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32), scale, PTX)
-            packed |= (q & 255) << (8 * b)
+            packed |= (q & 255) << (8 * e)
         return packed
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, beta_ptr, y_ptr, N, K, KW, stride_xm, stride_wn, stride_ym,
-                     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_AMAX: tl.constexpr, PTX: tl.constexpr):
-        """y[m, n-block] for one token m; w_ptr: the packed weights as int32 words (N, KW)."""
+    def _quantize_words_kernel(x_ptr, xw_ptr, xs_ptr, K, KW, stride_xm,
+                               BLOCK_W: tl.constexpr, BLOCK_AMAX: tl.constexpr, PTX: tl.constexpr):
+        """x (M, K) -> the GEMV's x operand: xw int32 (M, 4, KW) with xw[m, 2 s + h] = _x_words(.., s, h), and the
+        scales xs (M,). One program per token."""
+        m = tl.program_id(0)
+        x_row = x_ptr + m.to(tl.int64) * stride_xm
+        scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))
+        tl.store(xs_ptr + m, scale)
+        xw_row = xw_ptr + m.to(tl.int64) * 4 * KW
+        for w0 in range(0, KW, BLOCK_W):
+            words = w0 + tl.arange(0, BLOCK_W)
+            for s in tl.static_range(2):
+                for h in tl.static_range(2):
+                    tl.store(xw_row + (2 * s + h) * KW + words, _x_words(x_row, words, K, scale, s, h, PTX),
+                             mask=words < KW)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, xw_ptr, xs_ptr, w_ptr, beta_ptr, y_ptr, N, K, KW, stride_xm, stride_wn, stride_ym,
+                     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_AMAX: tl.constexpr, PRE: tl.constexpr,
+                     PTX: tl.constexpr):
+        """y[m, n-block] for one token m; w_ptr: the packed weights as int32 words (N, KW). PRE: x was quantized
+        by _quantize_words_kernel into (xw, xs); else this program quantizes it itself (fused, one launch)."""
         pid_n = tl.program_id(0)
         m = tl.program_id(1)
         x_row = x_ptr + m.to(tl.int64) * stride_xm
+        xw_row = xw_ptr + m.to(tl.int64) * 4 * KW
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_w = tl.arange(0, BLOCK_W)
         n_mask = offs_n[:, None] < N
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
 
         w_next = tl.load(w_rows + offs_w[None, :], mask=n_mask & (offs_w[None, :] < KW), other=0)
-        scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))
+        if PRE:
+            scale = tl.load(xs_ptr + m)
+        else:
+            scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))  # overlaps the first weight chunk's latency
 
         acc = tl.zeros([BLOCK_N, BLOCK_W], tl.int32)
         for w0 in range(0, KW, BLOCK_W):
             w = w_next
-            nxt = w0 + BLOCK_W + offs_w
+            words = w0 + offs_w
+            nxt = words + BLOCK_W
             w_next = tl.load(w_rows + nxt[None, :], mask=n_mask & (nxt[None, :] < KW), other=0)
-            w_shifted = w >> 1  # arithmetic shift: the sign bits it brings in are masked off below
-            for i in tl.static_range(4):
-                x_words = _x_plane_words(x_row, w0 + offs_w, K, scale, i, PTX)
-                plus = (w >> (2 * i)) & 0x01010101  # code 01 -> byte 1
-                minus = (w_shifted >> (2 * i)) & 0x01010101  # code 10 -> byte 1
-                signed = plus + minus * 255  # int8x4 in {-1, 0, 1}: the bytes are disjoint, no carries
-                acc = _dp4a(signed, x_words[None, :], acc, PTX)
+            for s in tl.static_range(2):
+                codes = (w >> (2 * s)) & 0x33333333  # the 8 codes 2 n + s of the word, one per nibble n
+                for h in tl.static_range(2):
+                    if PRE:
+                        x_words = tl.load(xw_row + (2 * s + h) * KW + words, mask=words < KW, other=0)
+                    else:
+                        x_words = _x_words(x_row, words, K, scale, s, h, PTX)
+                    acc = _dp4a(_ternary_int8x4(codes >> (16 * h), PTX), x_words[None, :], acc, PTX)
 
         beta = tl.load(beta_ptr)
         y = tl.sum(acc, axis=1).to(tl.float32) * tl.math.div_rn(beta, scale)
         tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, KB, stride_xm,
-                              BLOCK_B: tl.constexpr, BLOCK_AMAX: tl.constexpr, PTX: tl.constexpr):
-        """x (M, K) -> x_q int8 (M, 4, KB) with x_q[m, i, j] = x_int[m, 4 j + i], and the scales s (M,)."""
+    def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, ws_ptr, WS_N, K, KB, stride_xm,
+                              BLOCK_B: tl.constexpr, BLOCK_AMAX: tl.constexpr, BLOCK_Z: tl.constexpr,
+                              PTX: tl.constexpr):
+        """x (M, K) -> x_q int8 (M, 4, KB) with x_q[m, i, j] = x_int[m, 4 j + i], and the scales s (M,). Also
+        zeroes the GEMM's split-K scratch ws (WS_N int32: the partial sums and the tile counters), a share per
+        program, so that no separate memset is needed."""
         m = tl.program_id(0)
+        chunk = tl.cdiv(WS_N, tl.num_programs(0))
+        z_hi = tl.minimum(m * chunk + chunk, WS_N)
+        for z0 in range(m * chunk, z_hi, BLOCK_Z):
+            z = z0 + tl.arange(0, BLOCK_Z)
+            tl.store(ws_ptr + z, tl.zeros([BLOCK_Z], tl.int32), mask=z < z_hi)
         x_row = x_ptr + m.to(tl.int64) * stride_xm
         scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))
         tl.store(scale_ptr + m, scale)
@@ -169,61 +256,151 @@ if triton is not None:
                 tl.store(xq_row + i * KB + j, q.to(tl.int8), mask=j < KB)
 
     @triton.jit
-    def _gemm_kernel(xq_ptr, scale_ptr, w_ptr, beta_ptr, y_ptr, M, N, KB, stride_wn, stride_ym,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-        """y (M, N) from x_q (M, 4, KB) and the packed weight bytes (N, KB): four int8 MMAs per byte tile."""
+    def _gemm_kernel(xq_ptr, scale_ptr, w_ptr, beta_ptr, y_ptr, ws_ptr, M, N, KB, stride_wn, stride_ym,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
+                     PTX: tl.constexpr):
+        """y (M, N) from x_q (M, 4, KB) and the packed weight bytes (N, KB): four int8 MMAs per byte tile.
+
+        Split-K (grid axis 2): split k sums the bytes [k * per, (k + 1) * per) of each row into an int32 tile,
+        adds it into ws[:M * N] with integer atomics (exact in any order) and bumps the tile's counter
+        (ws[M * N + tile]); the split that arrives last reads the total, writes y, and leaves the sums and the
+        counter at zero again (so the autotuner's repeated launches need no re-zeroing)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        per = tl.cdiv(tl.cdiv(KB, SPLIT_K), BLOCK_B) * BLOCK_B  # whole tiles per split
+        j_lo = pid_k * per
+        j_hi = tl.minimum(j_lo + per, KB)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_b = tl.arange(0, BLOCK_B)
         xq_rows = xq_ptr + offs_m[:, None].to(tl.int64) * 4 * KB
         w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
+        m_mask = offs_m[:, None] < M
         n_mask = offs_n[None, :] < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-        wb_next = tl.load(w_cols + offs_b[:, None], mask=(offs_b[:, None] < KB) & n_mask, other=0)
-        for j0 in range(0, KB, BLOCK_B):
+        first = j_lo + offs_b
+        wb_next = tl.load(w_cols + first[:, None], mask=(first[:, None] < j_hi) & n_mask, other=0)
+        for j0 in range(j_lo, j_hi, BLOCK_B):
             j = j0 + offs_b
             wb = wb_next  # the next tile's loads go out before this tile's decode and MMAs
             nxt = j + BLOCK_B
-            wb_next = tl.load(w_cols + nxt[:, None], mask=(nxt[:, None] < KB) & n_mask, other=0)
+            wb_next = tl.load(w_cols + nxt[:, None], mask=(nxt[:, None] < j_hi) & n_mask, other=0)
             for i in tl.static_range(4):
-                code = ((wb >> (2 * i)) & 3).to(tl.int8)
-                w_plane = (code & 1) - (code >> 1)  # (BLOCK_B, BLOCK_N) int8 in {-1, 0, 1}
-                x_plane = tl.load(xq_rows + i * KB + j[None, :], mask=(offs_m[:, None] < M) & (j[None, :] < KB),
-                                  other=0)
+                w_plane = _ternary_plane(wb, i, PTX)  # (BLOCK_B, BLOCK_N) int8 in {-1, 0, 1}
+                x_plane = tl.load(xq_rows + i * KB + j[None, :], mask=m_mask & (j[None, :] < j_hi), other=0)
                 acc = tl.dot(x_plane, w_plane, acc, out_dtype=tl.int32)
-        scale = tl.load(scale_ptr + offs_m, mask=offs_m < M, other=1.0)
+
+        mn_mask = m_mask & n_mask
         beta = tl.load(beta_ptr)
-        y = acc.to(tl.float32) * tl.math.div_rn(beta, scale)[:, None]
+        scale = tl.load(scale_ptr + offs_m, mask=offs_m < M, other=1.0)
         y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        if SPLIT_K == 1:
+            y = acc.to(tl.float32) * tl.math.div_rn(beta, scale)[:, None]
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mn_mask)
+        else:
+            sum_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+            tl.atomic_add(sum_ptrs, acc, mask=mn_mask, sem="relaxed")
+            tl.debug_barrier()  # all of this program's adds are issued before its counter bump (release)
+            counter = ws_ptr + M.to(tl.int64) * N + pid_m * tl.num_programs(1) + pid_n
+            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:  # the last split of this tile
+                total = tl.atomic_xchg(sum_ptrs, tl.zeros_like(acc), mask=mn_mask, sem="acquire")
+                tl.atomic_xchg(counter, 0, sem="relaxed")
+                y = total.to(tl.float32) * tl.math.div_rn(beta, scale)[:, None]
+                tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mn_mask)
 
-    _GEMV_CONFIGS = [  # BLOCK_W 256 words = a whole 4096-wide row in one chunk: all its loads in flight at once
-        triton.Config({"BLOCK_N": 16, "BLOCK_W": 256}, num_warps=8),
-        triton.Config({"BLOCK_N": 16, "BLOCK_W": 256}, num_warps=4),
-        triton.Config({"BLOCK_N": 8, "BLOCK_W": 256}, num_warps=4),
-        triton.Config({"BLOCK_N": 32, "BLOCK_W": 128}, num_warps=8),
-        triton.Config({"BLOCK_N": 16, "BLOCK_W": 128}, num_warps=4),
+    def _gemv_prequantize(nargs):
+        """Config pre_hook of the GEMV: with PRE, quantize x first (timed with the GEMV when autotuning)."""
+        if nargs["PRE"]:
+            xs = nargs["xs_ptr"]
+            _quantize_words_kernel[(xs.numel(),)](
+                nargs["x_ptr"], nargs["xw_ptr"], xs, nargs["K"], nargs["KW"], nargs["stride_xm"],
+                BLOCK_W=min(triton.next_power_of_2(nargs["KW"]), 256), BLOCK_AMAX=nargs["BLOCK_AMAX"],
+                PTX=nargs["PTX"], num_warps=4)
+
+    def _gemv_config(block_n, block_w, pre, num_warps):
+        return triton.Config({"BLOCK_N": block_n, "BLOCK_W": block_w, "PRE": pre}, num_warps=num_warps,
+                             num_stages=1, pre_hook=_gemv_prequantize)
+
+    # BLOCK_W 256 words = a whole 4096-wide row in one chunk: all its loads in flight at once. The fused
+    # variant (PRE False) quantizes x in every program, so it wants many rows per program; the prequantized one
+    # only streams weights and can use small programs (more of them in flight per SM).
+    _GEMV_CONFIGS = [
+        _gemv_config(16, 256, False, 8),
+        _gemv_config(16, 256, False, 4),
+        _gemv_config(32, 256, False, 8),
+        _gemv_config(8, 256, False, 4),
+        _gemv_config(4, 256, True, 2),
+        _gemv_config(8, 256, True, 2),
+        _gemv_config(8, 256, True, 4),
+        _gemv_config(16, 256, True, 4),
+        _gemv_config(16, 256, True, 8),
+        _gemv_config(8, 128, True, 2),
+        _gemv_config(16, 128, True, 4),
+        _gemv_config(32, 128, True, 8),
     ]
-    _GEMM_CONFIGS = [
-        triton.Config({"BLOCK_N": 32, "BLOCK_B": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 32, "BLOCK_B": 128}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 64, "BLOCK_B": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_B": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_N": 16, "BLOCK_B": 128}, num_warps=4, num_stages=2),
+
+    def _gemm_config(block_n, block_b, split_k, num_warps, num_stages):
+        return triton.Config({"BLOCK_N": block_n, "BLOCK_B": block_b, "SPLIT_K": split_k}, num_warps=num_warps,
+                             num_stages=num_stages)
+
+    _GEMM_CONFIGS = [  # N / BLOCK_N * SPLIT_K programs: 4096 / 32 * 4 = 512 fill the 132 SMs of an H100/H200
+        _gemm_config(32, 64, 1, 4, 3),
+        _gemm_config(64, 128, 1, 8, 2),
+        _gemm_config(16, 128, 1, 4, 2),
+        _gemm_config(32, 128, 2, 4, 2),
+        _gemm_config(64, 128, 2, 4, 2),
+        _gemm_config(32, 128, 4, 4, 2),
+        _gemm_config(64, 128, 4, 4, 2),
+        _gemm_config(64, 64, 4, 4, 2),
+        _gemm_config(128, 128, 4, 8, 2),
+        _gemm_config(32, 64, 8, 4, 2),
+        _gemm_config(32, 128, 8, 4, 2),
+        _gemm_config(64, 64, 8, 4, 2),
+        _gemm_config(64, 128, 8, 8, 2),
+        _gemm_config(16, 128, 8, 4, 2),
+        _gemm_config(32, 256, 4, 4, 2),
+        _gemm_config(64, 64, 16, 4, 2),
     ]
+
+    def _prune_gemm_configs(configs, named_args, **kwargs):
+        """Drop splits shorter than one BLOCK_B tile (they would only add atomics)."""
+        kb = named_args["KB"]
+        kept = [c for c in configs if c.kwargs["SPLIT_K"] == 1 or kb // c.kwargs["SPLIT_K"] >= c.kwargs["BLOCK_B"]]
+        return kept or configs
+
     _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K"])(_gemv_kernel)
-    _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "KB", "BLOCK_M"])(_gemm_kernel)
+    _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "KB", "BLOCK_M"],
+                                  prune_configs_by={"early_config_prune": _prune_gemm_configs})(_gemm_kernel)
 
-# Small blocks for the CPU interpreter: several chunks and partial tiles even at test sizes.
-_INTERPRET_GEMV = {"BLOCK_N": 8, "BLOCK_W": 4}
-_INTERPRET_GEMM = {"BLOCK_N": 16, "BLOCK_B": 32}
+# Small blocks for the CPU interpreter: several chunks, partial tiles and splits even at test sizes.
+_INTERPRET_GEMV = {"BLOCK_N": 8, "BLOCK_W": 4, "PRE": False}
+_INTERPRET_GEMM = {"BLOCK_N": 16, "BLOCK_B": 32, "SPLIT_K": 1}
+
+# Tests (and benchmarks/bitlinear_kernels.py --all-configs) force one config instead of the autotuned one:
+# {"gemv" | "gemm": a triton.Config or a dict of meta-parameters}. Empty: autotune (GPU) / _INTERPRET_* (CPU).
+FORCED_CONFIG: dict = {}
 
 
 def _amax_block(K: int) -> int:
     """The whole row in one load when it fits: the absmax pass then costs one round trip to L2, not K / block."""
     return min(triton.next_power_of_2(K), 16384)
+
+
+def _launch(kind: str, tuned, kernel, grid, args: tuple, meta: dict, pre_hook=None) -> None:
+    """kernel[grid](*args, **meta) with the forced config, the interpreter's, or (on the GPU) the autotuned one."""
+    config = FORCED_CONFIG.get(kind) or ((_INTERPRET_GEMV if kind == "gemv" else _INTERPRET_GEMM)
+                                         if interpreting() else None)
+    if config is None:
+        tuned[grid](*args, **meta)
+        return
+    if isinstance(config, dict):
+        config_meta = dict(config)
+    else:
+        config_meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    if pre_hook is not None:
+        pre_hook({**dict(zip(kernel.arg_names, args)), **meta, **config_meta})
+    kernel[grid](*args, **meta, **config_meta)
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -278,19 +455,25 @@ def bitlinear_w2a8(x: torch.Tensor, packed_weight: torch.Tensor, weight_scale: t
     ptx = not interpreting()
     if M <= GEMV_MAX_TOKENS:
         words = _weight_words(packed_weight)
-        kernel, meta = (_gemv_kernel, _INTERPRET_GEMV) if interpreting() else (_gemv_tuned, {})
+        KW = words.size(1)
+        xw = torch.empty(M, 4, KW, dtype=torch.int32, device=x.device)  # scratch for the PRE variant
+        xs = torch.empty(M, dtype=torch.float32, device=x.device)
         grid = lambda cfg: (triton.cdiv(N, cfg["BLOCK_N"]), M)
-        kernel[grid](x2, words, beta, y2, N, K, words.size(1), x2.stride(0), words.stride(0), y2.stride(0),
-                     BLOCK_AMAX=_amax_block(K), PTX=ptx, **meta)
+        _launch("gemv", _gemv_tuned, _gemv_kernel, grid,
+                (x2, xw, xs, words, beta, y2, N, K, KW, x2.stride(0), words.stride(0), y2.stride(0)),
+                {"BLOCK_AMAX": _amax_block(K), "PTX": ptx}, pre_hook=_gemv_prequantize)
         return out
     KB = packed_weight.size(1)
     x_q = torch.empty(M, 4, KB, dtype=torch.int8, device=x.device)
     scales = torch.empty(M, dtype=torch.float32, device=x.device)
-    _quantize_rows_kernel[(M,)](x2, x_q, scales, K, KB, x2.stride(0), BLOCK_B=min(triton.next_power_of_2(KB), 2048),
-                                BLOCK_AMAX=_amax_block(K), PTX=ptx, num_warps=8)  # one pass over a row
+    # split-K scratch: int32 sums (M, N) and one counter per output tile (tiles are at least 16 x 16)
+    ws = torch.empty(M * N + triton.cdiv(M, 16) * triton.cdiv(N, 16), dtype=torch.int32, device=x.device)
+    _quantize_rows_kernel[(M,)](x2, x_q, scales, ws, ws.numel(), K, KB, x2.stride(0),
+                                BLOCK_B=min(triton.next_power_of_2(KB), 2048), BLOCK_AMAX=_amax_block(K),
+                                BLOCK_Z=1024, PTX=ptx, num_warps=8)  # one pass over a row
     w = packed_weight if packed_weight.stride(1) == 1 else packed_weight.contiguous()
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    kernel, meta = (_gemm_kernel, _INTERPRET_GEMM) if interpreting() else (_gemm_tuned, {})
-    grid = lambda cfg: (triton.cdiv(M, block_m), triton.cdiv(N, cfg["BLOCK_N"]))
-    kernel[grid](x_q, scales, w, beta, y2, M, N, KB, w.stride(0), y2.stride(0), BLOCK_M=block_m, **meta)
+    grid = lambda cfg: (triton.cdiv(M, block_m), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    _launch("gemm", _gemm_tuned, _gemm_kernel, grid,
+            (x_q, scales, w, beta, y2, ws, M, N, KB, w.stride(0), y2.stride(0)), {"BLOCK_M": block_m, "PTX": ptx})
     return out

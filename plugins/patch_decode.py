@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig
-from bytedeploy.runtimes.native import capture, gpt2_step
+from bytedeploy.runtimes.native import capture, fused_blocks, gpt2_step
 from bytedeploy.sampling import SamplingConfig, make_generator, sample
 
 SPECIAL = 256  # bgpt.SPECIAL: end of content / padding
@@ -117,6 +117,10 @@ class PatchDecoder:
         self.byte_step = self._byte_step
         if compile:
             self.byte_step = torch.compile(self._byte_step, dynamic=False)
+        # the fused Triton blocks and byte selection (plugins/decode_kernels.py) where gpt2_step would use them
+        self.fused = not compile and fused_blocks(self.feature[:, None])
+        self.seen = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.x = [torch.zeros(batch_size, C, dtype=dtype, device=device) for _ in range(P)]
         self.graph = capture(self.decode, self.generator) if use_graph else None
 
     def _byte_step(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -126,6 +130,8 @@ class PatchDecoder:
 
     def decode(self) -> None:
         """The whole patch into self.patch: patch_size byte steps, capturable (no host synchronisation)."""
+        if self.fused:
+            return self.decode_fused()
         model = self.model
         x = self.feature[:, None]
         seen = torch.zeros(self.B, dtype=torch.bool, device=x.device)
@@ -138,6 +144,22 @@ class PatchDecoder:
             self.patch[:, i].copy_(token)
             if i + 1 < self.P:
                 x = model.byte_wte(token)[:, None]
+
+    def decode_fused(self) -> None:
+        """decode with the fused kernels: per byte step the blocks (five kernels each), LayerNorm + LM head (one),
+        and the byte's selection, forcing, end-mark bookkeeping and next input (one; greedy: with the argmax)."""
+        from bytedeploy.plugins.decode_kernels import blocks_step, ln_linear, select_byte
+
+        model, stack = self.model, self.model.byte_decoder
+        self.seen.zero_()
+        torch.add(self.feature, stack.wpe.weight[0].detach(), out=self.x[0])  # the kernels below take no grad
+        for i in range(self.P):
+            h = blocks_step(stack, self.x[i], self.caches, self.slots[i], self.masks[i])
+            logits = ln_linear(h, stack.ln_f, model.lm_head)
+            token = None if self.sampling.greedy else sample(logits, self.sampling, self.generator)
+            x_next = self.x[i + 1] if i + 1 < self.P else None
+            select_byte(logits, token, self.forced, self.n_forced, self.seen, self.patch, i, model.byte_wte.weight,
+                        stack.wpe.weight, SPECIAL, x_next)
 
     def run(self) -> None:
         if self.graph is None:

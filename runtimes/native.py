@@ -19,6 +19,10 @@ and attention always spans the whole cache with a mask built from the position (
 out). Sampling is bytedeploy.sampling.sample (exponential race: no host sync) with a seeded CUDA generator that
 is registered with each graph, so replays advance its Philox offset exactly as eager calls would.
 
+At batch <= 4 the GPT-2-shaped families' decode steps (gpt2_step, and bGPT's byte loop) run the fused Triton
+kernels of bytedeploy.plugins.decode_kernels: five kernels per block instead of about twenty; KERNELS = "torch"
+(env BYTEDEPLOY_NATIVE_KERNELS=torch) keeps the torch path below.
+
 Greedy outputs equal the family's eager backend: the step functions call the model's own modules in the same
 order; the only numerical difference is attention over the masked full cache instead of the cache's written
 prefix (float32: differences at rounding level, tokens identical unless two logits tie to ~1e-6).
@@ -30,6 +34,7 @@ first call pays for the capture (reported as extra["captured"]) and later calls 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -111,11 +116,11 @@ class RunnerCache(dict):
 def cached_runner(model, key: tuple, build: Callable[[], object]):
     """The runner for (model, key), built once while the model's weights are unchanged: each parameter's version
     (in-place updates, e.g. a training step), storage, dtype and device are part of the key, so .half(), .to() or
-    assigning .data makes a new one. The runner lives on the model (it refers to the model, so a cache beside it
-    would keep the model alive) and goes with it."""
+    assigning .data makes a new one; so do other KERNELS and ATTENTION settings. The runner lives on the model (it
+    refers to the model, so a cache beside it would keep the model alive) and goes with it."""
     weights = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in model.parameters())
     runners = model.__dict__.setdefault(RUNNERS_ATTRIBUTE, RunnerCache())
-    full_key = (key, weights)
+    full_key = (key, weights, KERNELS, ATTENTION)
     if full_key not in runners:
         runners.clear()  # one live runner per model: graphs hold their memory pools
         runners[full_key] = build()
@@ -174,15 +179,36 @@ def gpt2_step(stack, embeds: torch.Tensor, caches: list[KVCache], slots: torch.T
               pos_emb: torch.Tensor | None = None) -> torch.Tensor:
     """layers.GPT2Stack.forward for T new inputs at cache slots (T,) -> hidden (B, T, C); key_mask (T, L), True =
     may attend. pos_emb defaults to the learned positions of the slots (an input's position is its slot, as in the
-    eager loops)."""
+    eager loops). One new input per row of at most decode_kernels.MAX_ROWS rows runs the fused Triton blocks
+    (fused_blocks); keys after the input's slot are then never attended (every caller decodes causally)."""
     if pos_emb is None:
         pos_emb = stack.wpe(slots)
     x = embeds + pos_emb
+    if fused_blocks(x):
+        from bytedeploy.plugins.decode_kernels import blocks_step
+
+        B, _, C = x.shape
+        return stack.ln_f(blocks_step(stack, x.view(B, C), caches, slots, key_mask).view(B, 1, C))
     bias = attention_bias(key_mask, x.dtype)
     for block, cache in zip(stack.h, caches):
         x = x + attention_step(block.attn, block.ln_1(x), cache, slots, bias)
         x = x + block.mlp(block.ln_2(x))
     return stack.ln_f(x)
+
+
+KERNELS = os.environ.get("BYTEDEPLOY_NATIVE_KERNELS", "auto")  # "auto": fused Triton blocks where they apply; "torch"
+
+
+def fused_blocks(x: torch.Tensor) -> bool:
+    """Does gpt2_step run x (B, T, C) through the fused decode kernels (plugins/decode_kernels.py)? For T = 1 and
+    B <= MAX_ROWS where Triton runs, unless KERNELS is "torch" or torch.compile is tracing (Inductor fuses then)."""
+    from bytedeploy.plugins import decode_kernels
+
+    if KERNELS == "torch" or x.size(1) != 1 or x.size(0) > decode_kernels.MAX_ROWS:
+        return False
+    if torch.compiler.is_compiling() or not x.is_contiguous():
+        return False
+    return decode_kernels.available(x.device)
 
 
 def step_mask(positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,10 @@
 The graph holds the fused patch decode (bytedeploy.plugins.patch_decode.PatchDecoder.decode: the patch's byte
 steps) and then the patch decoder's step on the new patch, whose last hidden state is the next patch's feature.
 Rows that are done (emitted 256) get all-256 patches, as in bgpt.generate_cached. The host reads one flag per
-patch (all rows done?) and otherwise only launches replays. options["compile"] = True also runs both decoders'
-steps through torch.compile (fused elementwise kernels) inside the captured graph.
+patch (all rows done?), one patch late so that the next replay is already queued, and otherwise only launches
+replays. At batch <= decode_kernels.MAX_ROWS both decoders' steps run the fused Triton kernels
+(plugins/decode_kernels.py); options["compile"] = True runs them through torch.compile (Inductor's fused kernels)
+instead.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class BgptRunner:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self.positions = torch.arange(N, device=device)
+        self.done_host = torch.zeros(N, dtype=torch.bool).pin_memory()  # all_done after each patch, read late
+        self.done_events = [torch.cuda.Event() for _ in range(N)]
         self.patch_step = self._patch_step
         if compile:
             self.patch_step = torch.compile(self._patch_step, dynamic=False)
@@ -78,11 +82,20 @@ class BgptRunner:
         n = 0
         for j in range(max_patches):
             self.graph.replay()
+            self.done_host[j].copy_(self.all_done, non_blocking=True)
+            self.done_events[j].record()
             n = j + 1
             if j == 0 and k:
                 self.decoder.n_forced.fill_(0)
-            if len(prompt) + j + 1 >= self.N or bool(self.all_done):  # the one host check per patch
+            if len(prompt) + j + 1 >= self.N:
                 break
+            # the one host check per patch, one patch behind: patch j is already queued when patch j - 1's flag is
+            # read, so the GPU never waits for the host; a patch queued after the last one is dropped
+            if j >= 1:
+                self.done_events[j - 1].synchronize()
+                if bool(self.done_host[j - 1]):
+                    n = j
+                    break
         return self.out[:, :n], n
 
 

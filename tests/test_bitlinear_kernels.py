@@ -1,13 +1,11 @@
 """BitLinear W2A8 kernels: bitwise equal to bitlinear_int on the GPU; on the CPU through Triton's interpreter when
 Triton is installed; and a one-line error where they cannot run."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+import triton_interpreter
 
 from bytedeploy.errors import UserError
 from bytedeploy.models.bitlinear import ACT_QMAX, EPS, bitlinear_int, pack_ternary
@@ -57,6 +55,40 @@ def check_bitwise(x, packed, beta, K):
     assert torch.equal(y, ref), f"max |diff| {(y.float() - ref.float()).abs().max().item()}"
 
 
+def check_bitwise_forced(kind, config, x, packed, beta, K):
+    """check_bitwise with one kernel config forced instead of the autotuned / interpreter default one."""
+    bk.FORCED_CONFIG[kind] = config
+    try:
+        check_bitwise(x, packed, beta, K)
+    finally:
+        bk.FORCED_CONFIG.pop(kind, None)
+
+
+def check_split_k_scratch_left_zero(device, config):
+    """Two launches of the GEMM on one zeroed scratch buffer: both exact, and the buffer is zero again after each
+    (the last split of a tile clears its sums and counter: the autotuner relaunches without re-zeroing)."""
+    M, K, N = 6, 160, 40
+    x, packed, beta = make_case((M,), K, N, torch.float16, device, seed=5)
+    ref = bitlinear_int(x, packed, beta, K).to(x.dtype)
+    KB = packed.size(1)
+    x_q = torch.empty(M, 4, KB, dtype=torch.int8, device=device)
+    scales = torch.empty(M, dtype=torch.float32, device=device)
+    ws = torch.full((M * N + bk.triton.cdiv(M, 16) * bk.triton.cdiv(N, 16),), 7, dtype=torch.int32, device=device)
+    ptx = not bk.interpreting()
+    bk._quantize_rows_kernel[(M,)](x, x_q, scales, ws, ws.numel(), K, KB, x.stride(0), BLOCK_B=64, BLOCK_AMAX=256,
+                                   BLOCK_Z=64, PTX=ptx)
+    assert not ws.any(), "the quantize kernel must zero the split-K scratch"
+    meta = dict(config) if isinstance(config, dict) else {**config.kwargs, "num_warps": config.num_warps,
+                                                          "num_stages": config.num_stages}
+    grid = (1, bk.triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+    for _ in range(2):
+        y = torch.full((M, N), float("nan"), dtype=x.dtype, device=device)
+        bk._gemm_kernel[grid](x_q, scales, packed, beta, y, ws, M, N, KB, packed.stride(0), y.stride(0), BLOCK_M=16,
+                              PTX=ptx, **meta)
+        assert torch.equal(y, ref)
+        assert not ws.any(), "split-K scratch not left at zero"
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 
 
@@ -70,6 +102,10 @@ def check_bitwise(x, packed, beta, K):
     ((16,), 4096, 1024, torch.float16),
     ((64,), 1000, 300, torch.float32),  # K % 4 == 0 but K % 16 != 0, 64 tokens
     ((2, 33), 384, 1024, torch.float16),  # the small preset's FFN shape, BLOCK_M 64 with a partial tile
+    ((64,), 4096, 4096, torch.float16),  # the benchmark's batch shapes
+    ((17,), 4096, 4096, torch.bfloat16),  # BLOCK_M 32
+    ((4,), 4096, 4096, torch.float16),  # the last GEMV batch
+    ((5,), 4096, 4096, torch.float16),  # the first GEMM batch
 ])
 def test_kernel_bitwise_equal_to_integer_reference(lead, K, N, dtype):
     check_bitwise(*make_case(lead, K, N, dtype, "cuda"), K)
@@ -79,6 +115,68 @@ def test_kernel_bitwise_equal_to_integer_reference(lead, K, N, dtype):
 @pytest.mark.parametrize("tokens", [1, 24])
 def test_kernel_binary_weights_and_odd_k(tokens):
     check_bitwise(*make_case((tokens,), 97, 29, torch.float16, "cuda", binary=True, seed=3), 97)
+
+
+def config_id(config) -> str:
+    return "-".join(f"{k}{v}" for k, v in config.kwargs.items()) + f"-w{config.num_warps}-s{config.num_stages}"
+
+
+GEMV_CONFIGS = getattr(bk, "_GEMV_CONFIGS", [])
+GEMM_CONFIGS = getattr(bk, "_GEMM_CONFIGS", [])
+
+
+@gpu
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=[config_id(c) for c in GEMV_CONFIGS])
+@pytest.mark.parametrize("lead,K,N,dtype", [
+    ((1,), 4096, 4096, torch.float16),  # the benchmark shape
+    ((4,), 4096, 1024, torch.bfloat16),  # the largest GEMV batch
+    ((3,), 100, 37, torch.float32),  # K % 16 != 0 (padded words), a partial N block
+    ((2,), 5000, 70, torch.float16),  # K % 16 != 0, 313 words: several BLOCK_W chunks, the last one partial
+])
+def test_every_gemv_config_bitwise(config, lead, K, N, dtype):
+    """Each autotune candidate, not only the one that wins on this GPU: a later GPU may pick another."""
+    check_bitwise_forced("gemv", config, *make_case(lead, K, N, dtype, "cuda"), K)
+
+
+@gpu
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=[config_id(c) for c in GEMM_CONFIGS])
+@pytest.mark.parametrize("lead,K,N,dtype", [
+    ((16,), 4096, 4096, torch.float16),  # the benchmark shapes
+    ((64,), 4096, 4096, torch.float16),
+    ((5,), 4096, 1000, torch.bfloat16),  # the smallest GEMM batch, partial N tile
+    ((33,), 1000, 300, torch.float32),  # BLOCK_M 64 with a partial tile, K % 16 != 0, splits of uneven length
+    ((17,), 97, 29, torch.float16),  # BLOCK_M 32, K = 97: every split but one empty or tiny
+])
+def test_every_gemm_config_bitwise(config, lead, K, N, dtype):
+    check_bitwise_forced("gemm", config, *make_case(lead, K, N, dtype, "cuda"), K)
+
+
+@gpu
+@pytest.mark.parametrize("config", [c for c in GEMM_CONFIGS if c.kwargs["SPLIT_K"] > 1][:3],
+                         ids=config_id)
+def test_split_k_scratch_left_zero_on_gpu(config):
+    check_split_k_scratch_left_zero("cuda", config)
+
+
+@gpu
+def test_autotuned_kernels_inside_a_cuda_graph():
+    """As runtimes/native_bitnet.py uses them: a warm-up call (autotuning), then capture and replay."""
+    cases = [make_case((m,), 1024, 512, torch.float16, "cuda", seed=m) for m in (1, 4, 5, 16, 64)]
+    outs = [torch.empty(x.size(0), 512, dtype=x.dtype, device="cuda") for x, _, _ in cases]
+    for (x, packed, beta), out in zip(cases, outs):
+        bk.bitlinear_w2a8(x, packed, beta, 1024, out=out)  # warm-up: autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for (x, packed, beta), out in zip(cases, outs):
+            bk.bitlinear_w2a8(x, packed, beta, 1024, out=out)
+    for out in outs:
+        out.fill_(float("nan"))
+    for _ in range(2):  # twice: the split-K scratch must be usable again
+        graph.replay()
+        torch.cuda.synchronize()
+        for (x, packed, beta), out in zip(cases, outs):
+            assert torch.equal(out, bitlinear_int(x, packed, beta, 1024).half())
 
 
 @gpu
@@ -120,31 +218,51 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     import os
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from test_bitlinear_kernels import check_bitwise, make_case
+    from test_bitlinear_kernels import (check_bitwise, check_bitwise_forced, check_split_k_scratch_left_zero,
+                                        make_case)
+    from bytedeploy.models.bitlinear import bitlinear_int
+    from bytedeploy.plugins import bitlinear_kernels as bk
+
+    # no bfloat16 here: the interpreter converts float32 -> bfloat16 by truncation, the GPU (and torch) round
+    # to nearest even; the GPU tests cover bfloat16.
+    # the defaults (fused GEMV, GEMM without split) over both regimes and their boundary (M = 4 | 5)
     cases = [((1,), 100, 37, torch.float32), ((2,), 64, 20, torch.float16), ((4,), 4, 3, torch.float32),
              ((7,), 130, 50, torch.float16), ((20,), 256, 33, torch.float32)]
     for lead, K, N, dtype in cases:
         check_bitwise(*make_case(lead, K, N, dtype, "cpu"), K)
     check_bitwise(*make_case((6,), 97, 29, torch.float16, "cpu", binary=True), 97)
+
+    # GEMV: fused and prequantized (PRE), one and several chunks, K % 16 != 0, M = 1 and 4 (leading dims kept)
+    for pre in (False, True):
+        for block_w in (4, 8):
+            gemv = {"BLOCK_N": 8, "BLOCK_W": block_w, "PRE": pre}
+            for lead, K, N, dtype in [((1,), 100, 37, torch.float32), ((2, 2), 128, 20, torch.float16),
+                                      ((1,), 97, 9, torch.float16), ((3,), 4, 3, torch.float32)]:
+                check_bitwise_forced("gemv", gemv, *make_case(lead, K, N, dtype, "cpu"), K)
+
+    # GEMM: split-K 1..4 (3: uneven splits, some empty), BLOCK_M 16 / 32 / 64 (M = 5, 17, 33), K % 16 != 0
+    for split_k in (1, 2, 3, 4):
+        gemm = {"BLOCK_N": 16, "BLOCK_B": 16, "SPLIT_K": split_k}
+        for lead, K, N, dtype in [((5,), 130, 50, torch.float16), ((17,), 100, 33, torch.float32),
+                                  ((33,), 64, 17, torch.float16)]:
+            check_bitwise_forced("gemm", gemm, *make_case(lead, K, N, dtype, "cpu", seed=split_k), K)
+        check_split_k_scratch_left_zero("cpu", gemm)
+
+    # out= in both regimes (and a leading shape)
+    for lead in [(1, 3), (2, 4)]:
+        x, packed, beta = make_case(lead, 96, 24, torch.float16, "cpu")
+        out = torch.full((*lead, 24), float("nan"), dtype=torch.float16)
+        assert bk.bitlinear_w2a8(x, packed, beta, 96, out=out) is out
+        assert torch.equal(out, bitlinear_int(x, packed, beta, 96).half())
     print("interpreter ok")
 """)
 
 
-def triton_interpreter_usable() -> bool:
-    if bk.triton is None:
-        return False
-    major, minor = (int(v) for v in bk.triton.__version__.split(".")[:2])
-    return (major, minor) >= (3, 9)  # older interpreters fail on numpy >= 2.4 (int() of 1-element arrays)
 
-
-@pytest.mark.skipif(not triton_interpreter_usable(), reason="needs Triton >= 3.9 for its CPU interpreter")
+@pytest.mark.skipif(not triton_interpreter.usable(), reason="needs Triton >= 3.9 for its CPU interpreter")
 def test_kernels_bitwise_in_triton_interpreter(tmp_path):
     """The same kernels on the CPU (TRITON_INTERPRET=1 must be set before Triton is imported: a subprocess).
-    The interpreter takes the portable forms of rint and dp4a; both kernels, ties, b1 weights, padded K."""
-    (tmp_path / "run.py").write_text(INTERPRETER_SCRIPT)
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(tmp_path / "run.py")], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "interpreter ok" in proc.stdout
+    The interpreter takes the portable forms of rint, dp4a, prmt and the packed plane decode; every code path:
+    fused and prequantized GEMV, GEMM with and without split-K, regime boundaries, ties, b1 weights, padded K,
+    out=."""
+    triton_interpreter.run_script(INTERPRETER_SCRIPT, tmp_path)

@@ -1,0 +1,146 @@
+"""Fused GPT-2 decode kernels (plugins/decode_kernels.py) against the torch path of runtimes.native.gpt2_step.
+
+The same check runs on the GPU (float32 to rounding, float16 / bfloat16 to their precision) and on the CPU through
+Triton's interpreter (a subprocess: TRITON_INTERPRET=1 must be set before Triton is imported). Step by step over a
+static cache: hidden states, and the keys and values the kernels wrote, equal the torch path's; the last step also
+equals the full causal forward pass of the stack."""
+
+import textwrap
+
+import pytest
+import torch
+import triton_interpreter
+
+from bytedeploy.models import bgpt
+from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig
+from bytedeploy.plugins import decode_kernels
+from bytedeploy.plugins.patch_decode import SPECIAL, PatchDecoder
+from bytedeploy.runtimes import native
+from bytedeploy.sampling import SamplingConfig
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def decode(stack, embeds, kernels: str, n_slots: int):
+    """Feed embeds (B, T, C) one position per gpt2_step -> (hidden (B, T, C), caches)."""
+    saved = native.KERNELS
+    native.KERNELS = kernels
+    try:
+        caches = stack.make_caches(embeds.size(0), n_slots)
+        positions = torch.arange(n_slots, device=embeds.device)
+        hidden = []
+        for i in range(embeds.size(1)):
+            slot = torch.tensor([i], device=embeds.device)
+            x = embeds[:, i:i + 1]
+            assert native.fused_blocks(x + 0) == (kernels == "auto")
+            hidden.append(native.gpt2_step(stack, x, caches, slot, native.step_mask(positions, slot)))
+        return torch.cat(hidden, 1), caches
+    finally:
+        native.KERNELS = saved
+
+
+def check_fused_equals_torch(device, dtype, n_embd=40, n_head=4, n_layer=2, steps=9, batch_sizes=(1, 3),
+                             atol=2e-6):
+    torch.manual_seed(0)
+    for gelu, bias in [("tanh", True), ("none", False)]:
+        cfg = GPT2StackConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=steps + 3, bias=bias,
+                              mlp_bias=bias, gelu=gelu)
+        stack = GPT2Stack(cfg).eval()
+        with torch.no_grad():
+            for p in stack.parameters():
+                p.normal_(0.0, 0.3)
+        stack = stack.to(device=device, dtype=dtype)
+        for B in batch_sizes:
+            embeds = torch.randn(B, steps, n_embd, device=device, dtype=dtype)
+            with torch.no_grad():
+                fused, fused_caches = decode(stack, embeds, "auto", steps + 3)
+                ref, ref_caches = decode(stack, embeds, "torch", steps + 3)
+                full = stack(embeds)
+            tol = dict(atol=atol, rtol=0) if dtype == torch.float32 else dict(atol=atol, rtol=atol)
+            torch.testing.assert_close(fused, ref, **tol)
+            torch.testing.assert_close(fused, full, **tol)
+            for a, b in zip(fused_caches, ref_caches):
+                torch.testing.assert_close(a.k, b.k, **tol)
+                torch.testing.assert_close(a.v, b.v, **tol)
+
+
+def fused_and_torch_patches(model, sampling, feature, forced) -> dict:
+    """PatchDecoder's patches on the fused path ("auto") and the torch path, for a partial, a full and no forced
+    prefix; asserts that they are equal."""
+    patches = {}
+    saved = native.KERNELS
+    try:
+        for kernels in ("auto", "torch"):
+            native.KERNELS = kernels
+            decoder = PatchDecoder(model, feature.size(0), sampling, use_graph=False)
+            assert decoder.fused == (kernels == "auto")
+            decoder.generator.manual_seed(3)
+            with torch.no_grad():
+                patches[kernels] = [decoder(feature, forced[:, :1]), decoder(feature, forced), decoder(feature)]
+    finally:
+        native.KERNELS = saved
+    for a, b in zip(patches["auto"], patches["torch"]):
+        assert torch.equal(a, b), (a, b)
+    return patches
+
+
+def check_patch_decode_fused_equals_torch(device, n_embd=16, n_head=2, n_layer=1, patch_size=3):
+    """PatchDecoder's fused path (blocks, LN + head, select_byte) makes the torch path's patches: greedy and seeded
+    sampling, with forced bytes, and with the end mark made to win so that a row emits it and keeps emitting it."""
+    cfg = bgpt.Config(patch_size=patch_size, n_patches=4, n_embd=n_embd, n_layer=1, n_head=n_head,
+                      byte_n_layer=n_layer, byte_n_head=n_head)
+    torch.manual_seed(0)
+    model = bgpt.Model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model = model.to(device)
+    feature = torch.randn(2, n_embd, device=device)
+    forced = torch.tensor([[65, 10], [66, 11]], device=device)
+    greedy, sampled = SamplingConfig(temperature=0.0), SamplingConfig(top_k=5, temperature=0.9, seed=3)
+    first_byte = int(fused_and_torch_patches(model, greedy, feature, forced)["auto"][2][0, 0])
+    fused_and_torch_patches(model, sampled, feature, forced)
+    with torch.no_grad():  # the end mark's row: 10x the row of row 0's first free greedy byte, which it now beats
+        model.byte_wte.weight[SPECIAL] = 10 * model.byte_wte.weight[first_byte]
+    assert (fused_and_torch_patches(model, greedy, feature, forced)["auto"][2][0] == SPECIAL).all()
+    fused_and_torch_patches(model, sampled, feature, forced)
+
+
+@cuda
+def test_patch_decode_fused_equals_torch_path_on_gpu():
+    check_patch_decode_fused_equals_torch("cuda", n_embd=64, n_head=4, n_layer=2, patch_size=8)
+
+
+@cuda
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+def test_fused_blocks_equal_torch_path_on_gpu(dtype, atol):
+    check_fused_equals_torch("cuda", dtype, n_embd=256, n_head=4, steps=20, batch_sizes=(1, 3, 4), atol=atol)
+
+
+@cuda
+def test_more_rows_than_the_kernels_take_keep_the_torch_path():
+    x = torch.zeros(decode_kernels.MAX_ROWS + 1, 1, 8, device="cuda")
+    assert not native.fused_blocks(x)
+    assert native.fused_blocks(x[:1])
+    assert not native.fused_blocks(torch.zeros(1, 2, 8, device="cuda"))  # prefill: T > 1
+
+
+def test_without_triton_or_gpu_the_torch_path_runs():
+    if not decode_kernels.interpreting() and not torch.cuda.is_available():
+        assert not native.fused_blocks(torch.zeros(1, 1, 8))
+
+
+INTERPRETER_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from test_decode_kernels import check_fused_equals_torch, check_patch_decode_fused_equals_torch
+    check_fused_equals_torch("cpu", torch.float32, n_embd=24, n_head=2, n_layer=1, steps=5, batch_sizes=(2,))
+    check_patch_decode_fused_equals_torch("cpu")
+    print("interpreter ok")
+""")
+
+
+@pytest.mark.skipif(not triton_interpreter.usable(), reason="needs Triton >= 3.9 for its CPU interpreter")
+def test_fused_blocks_in_triton_interpreter(tmp_path):
+    triton_interpreter.run_script(INTERPRETER_SCRIPT, tmp_path)
