@@ -119,8 +119,9 @@ class PatchDecoder:
             self.byte_step = torch.compile(self._byte_step, dynamic=False)
         # the fused Triton blocks and byte selection (plugins/decode_kernels.py) where gpt2_step would use them
         self.fused = not compile and fused_blocks(self.feature[:, None])
-        self.seen = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        self.x = [torch.zeros(batch_size, C, dtype=dtype, device=device) for _ in range(P)]
+        if self.fused:  # the rows that emitted the end mark, and each step's input
+            self.seen = torch.zeros(batch_size, dtype=torch.bool, device=device)
+            self.x = [torch.zeros(batch_size, C, dtype=dtype, device=device) for _ in range(P)]
         self.graph = capture(self.decode, self.generator) if use_graph else None
 
     def _byte_step(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
