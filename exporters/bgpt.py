@@ -35,6 +35,8 @@ from onnx import TensorProto, helper, numpy_helper
 from bytedeploy.errors import UserError
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS, GraphSpec, TensorSpec
 from bytedeploy.exporters.onnx_graphs import (
+    CACHE_AXES,
+    PRESENT_AXES,
     attention_mask,
     cache_arrays,
     check_exported,
@@ -48,8 +50,6 @@ from bytedeploy.plugins.patch_decode import plugin_fields_of
 from bytedeploy.sampling import SamplingConfig
 from bytedeploy.verify import VerifyCase
 
-CACHE_AXES = {1: "batch", 3: "past"}
-PRESENT_AXES = {1: "batch", 3: "present"}
 N_FORCED = 3  # forced bytes in the verify cases' first byte_step call (a prompt's partial last patch)
 PATCH_DECODE_MODES = ("plugin",)
 FUSED = "patch_decode_fused"

@@ -54,6 +54,8 @@ from onnx import TensorProto, helper, numpy_helper
 from bytedeploy.errors import UserError
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS
 from bytedeploy.exporters.onnx_graphs import (
+    CACHE_AXES,
+    PRESENT_AXES,
     cache_arrays,
     check_exported,
     export_graph,
@@ -80,8 +82,8 @@ OUTPUTS = ["logits", "present_k", "present_v"]
 PREFILL_AXES = {"ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"},
                 "present_k": {1: "batch", 3: "seq"}, "present_v": {1: "batch", 3: "seq"}}
 DECODE_AXES = {"ids": {0: "batch"}, "logits": {0: "batch"},
-               "past_k": {1: "batch", 3: "past"}, "past_v": {1: "batch", 3: "past"},
-               "present_k": {1: "batch", 3: "total"}, "present_v": {1: "batch", 3: "total"}}
+               "past_k": CACHE_AXES, "past_v": CACHE_AXES,
+               "present_k": PRESENT_AXES, "present_v": PRESENT_AXES}
 
 
 # ----------------------------------------------------------------------------------------------- BitLinear node

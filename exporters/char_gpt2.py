@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 
 from bytedeploy.exporters.onnx_graphs import (
+    CACHE_AXES,
+    PRESENT_AXES,
     attention_mask,
     cache_arrays,
     export_graph,
@@ -29,9 +31,6 @@ from bytedeploy.exporters.onnx_graphs import (
     stacked,
 )
 from bytedeploy.verify import VerifyCase
-
-CACHE_AXES = {1: "batch", 3: "past"}
-PRESENT_AXES = {1: "batch", 3: "total"}
 
 
 def logits_at(model, idx, positions, caches, attn_mask=None):

@@ -17,6 +17,10 @@ import torch
 from bytedeploy.errors import UserError
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, GraphSpec, TensorSpec, check_graph_opset_and_ops
 
+# Dynamic axes of the stacked KV caches (n_layer, batch, heads, length, head_dim): the past fed in, the present out.
+CACHE_AXES = {1: "batch", 3: "past"}
+PRESENT_AXES = {1: "batch", 3: "total"}
+
 
 def tensor_spec(name: str, value: np.ndarray | torch.Tensor, dynamic: dict[int, str]) -> TensorSpec:
     shape = [dynamic.get(i, int(n)) for i, n in enumerate(value.shape)]

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 
 from bytedeploy.exporters.onnx_graphs import (
+    CACHE_AXES,
+    PRESENT_AXES,
     attention_mask,
     cache_arrays,
     export_graph,
@@ -36,8 +38,6 @@ from bytedeploy.exporters.onnx_graphs import (
 from bytedeploy.verify import VerifyCase
 
 TOKEN_AXES = {0: "batch", 1: "seq"}
-CACHE_AXES = {1: "batch", 3: "past"}
-PRESENT_AXES = {1: "batch", 3: "total"}
 INPUTS = ["tokens", "here", "following"]
 
 
