@@ -12,6 +12,12 @@ warm-up replays, each replay is timed with CUDA events; the time of one call is 
 integer reference (bitlinear_int: unpacking plus a float64 matmul) is timed with events around eager calls. Ratios
 compare times measured in this same run. Achieved bandwidth = weight bytes read per call / time per call.
 
+PDL (plugins/pdl.py, sm_90+): the graph chains R calls, so with PDL each call's first weight loads overlap the
+previous call's tail, as they would between the kernels of a decode step; x is still read only after the previous
+kernel has finished. w2a8_us is with PDL where the GPU has it, w2a8_no_pdl_us the same measurement with
+pdl.ENABLED off (PDL is a constexpr kernel argument, so that is a separately compiled kernel launched without the
+PDL attribute; the autotuner's key does not include it, so both use the config tuned with PDL on).
+
 Each row names the autotune config that won (kernel_config) and the autotuner's own timings of its candidates
 (autotune_us). With --all-configs every candidate is also forced in turn and timed the same way as the kernel
 (graph_us_per_config), so a row shows whether the autotuner's pick is also the fastest in a CUDA graph.
@@ -91,7 +97,7 @@ def tuned_config(M: int) -> str:
 
 def autotune_timings(M: int, top: int = 8) -> dict:
     """The autotuner's own measurements of its candidates for the last key it tuned (median microseconds of
-    triton's do_bench, L2 flushed), fastest first; the GEMV's PRE configs include the x-quantization launch."""
+    triton's do_bench, L2 flushed), fastest first."""
     timings = getattr(tuner_for(M), "configs_timings", None) or {}
     ranked = sorted(timings.items(), key=lambda item: item[1][0] if isinstance(item[1], (list, tuple)) else item[1])
     return {str(config): round(1000 * (t[0] if isinstance(t, (list, tuple)) else t), 3) for config, t in ranked[:top]}
@@ -144,7 +150,22 @@ def bench_shape(N: int, K: int, tokens: list[int], replays: int, l2_bytes: int,
             row["autotune_agrees_with_graph_timing"] = fastest == row["kernel_config"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+        print(f"{N}x{K} M={M}: w2a8 {row['w2a8_us']} us ({row['speedup_vs_fp16']}x fp16), without PDL "
+              f"{row['w2a8_no_pdl_us']} us ({row['speedup_vs_fp16_no_pdl']}x), fp16 {row['fp16_linear_us']} us",
+              flush=True)
     return rows
+
+
+def time_graph_without_pdl(calls, replays: int) -> float:
+    """time_graph with PDL turned off (the kernels launch as they would before sm_90)."""
+    from bytedeploy.plugins import pdl
+
+    enabled = pdl.ENABLED
+    pdl.ENABLED = False
+    try:
+        return time_graph(calls, replays)
+    finally:
+        pdl.ENABLED = enabled
 
 
 def bench_tokens(x, packed, beta, packed_copies, fp16_copies, replays: int) -> dict:
@@ -153,16 +174,19 @@ def bench_tokens(x, packed, beta, packed_copies, fp16_copies, replays: int) -> d
     (M, K), N = x.shape, packed.size(0)
     exact = torch.equal(bitlinear_w2a8(x, packed, beta, K), bitlinear_int(x, packed, beta, K).to(x.dtype))
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    ours = time_graph([lambda w=w: bitlinear_w2a8(x, w, beta, K, out=out) for w in packed_copies], replays)
+    calls = [lambda w=w: bitlinear_w2a8(x, w, beta, K, out=out) for w in packed_copies]
+    ours = time_graph(calls, replays)
+    ours_no_pdl = time_graph_without_pdl(calls, replays)
     fp16 = time_graph([lambda w=w: F.linear(x, w) for w in fp16_copies], replays)
     reference = time_eager(lambda: bitlinear_int(x, packed, beta, K), reps=10)
     ours_eager = time_eager(lambda: bitlinear_w2a8(x, packed, beta, K, out=out), reps=50)
     packed_bytes, fp16_bytes = packed.numel(), fp16_copies[0].numel() * 2
     return {
         "exact_vs_reference": exact, "kernel_config": tuned_config(M), "autotune_us": autotune_timings(M),
-        "w2a8_us": round(ours, 3), "fp16_linear_us": round(fp16, 3), "int_reference_us": round(reference, 1),
-        "w2a8_eager_launch_us": round(ours_eager, 3),
-        "speedup_vs_fp16": round(fp16 / ours, 3), "speedup_vs_int_reference": round(reference / ours, 1),
+        "w2a8_us": round(ours, 3), "w2a8_no_pdl_us": round(ours_no_pdl, 3), "fp16_linear_us": round(fp16, 3),
+        "int_reference_us": round(reference, 1), "w2a8_eager_launch_us": round(ours_eager, 3),
+        "speedup_vs_fp16": round(fp16 / ours, 3), "speedup_vs_fp16_no_pdl": round(fp16 / ours_no_pdl, 3),
+        "speedup_vs_int_reference": round(reference / ours, 1),
         "w2a8_weight_bytes": packed_bytes, "fp16_weight_bytes": fp16_bytes,
         "w2a8_GBps": round(packed_bytes / ours / 1e3, 1), "fp16_GBps": round(fp16_bytes / fp16 / 1e3, 1),
         "weight_copies": {"w2a8": len(packed_copies), "fp16": len(fp16_copies)},
@@ -177,11 +201,12 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     labels = [f"{r['N']}x{r['K']}\nM={r['M']}" for r in rows]
-    series = [("w2a8 kernel", "w2a8_us"), ("fp16 F.linear", "fp16_linear_us"), ("int reference", "int_reference_us")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(rows)), 4.5))
-    width = 0.27
+    series = [("w2a8 kernel", "w2a8_us"), ("w2a8 without PDL", "w2a8_no_pdl_us"), ("fp16 F.linear", "fp16_linear_us"),
+              ("int reference", "int_reference_us")]
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows)), 4.5))
+    width = 0.2
     for s, (name, key) in enumerate(series):
-        xs = [i + (s - 1) * width for i in range(len(rows))]
+        xs = [i + (s - 1.5) * width for i in range(len(rows))]
         bars = ax.bar(xs, [r[key] for r in rows], width, label=name)
         if key == "w2a8_us":
             for bar, r in zip(bars, rows):

@@ -4,8 +4,9 @@
 
 For GPT-2-small-shaped stacks (char GPT-2 toy: 12 x 768; bGPT's byte decoder: 3 x 768), batch 1, float32 and
 bfloat16: one gpt2_step (all blocks, one new token at a middle cache slot) captured as a CUDA graph and replayed
-200 times, fused kernels vs the torch path; then the fused step's kernels under torch.profiler (count and mean
-device time per kernel name), and the configurations the autotuner picked per GEMV shape. Writes one JSON.
+200 times, fused kernels (with and without programmatic dependent launch, plugins/pdl.py) vs the torch path; then
+the fused step's kernels under torch.profiler (count and mean device time per kernel name), and the configurations
+the autotuner picked per GEMV shape. Writes one JSON.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from torch.profiler import ProfilerActivity, profile
 
 from bytedeploy.bench import machine_name
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig
-from bytedeploy.plugins import decode_kernels
+from bytedeploy.plugins import decode_kernels, pdl
 from bytedeploy.runtimes import native
 
 STACKS = {"char-gpt2-toy": (12, 12, 768, 128), "bgpt-byte-decoder": (3, 12, 768, 17)}  # layers, heads, C, slots
 
 
-def step_time(stack, kernels: str, slot: int, n_slots: int, replays: int = 200) -> float:
+def step_time(stack, kernels: str, slot: int, n_slots: int, replays: int = 200, use_pdl: bool = True) -> float:
     """Seconds per replay of one captured gpt2_step at the given slot."""
     native.KERNELS = kernels
+    pdl.ENABLED = use_pdl
     B, C = 1, stack.cfg.n_embd
     p = next(stack.parameters())
     caches = stack.make_caches(B, n_slots)
@@ -44,6 +46,7 @@ def step_time(stack, kernels: str, slot: int, n_slots: int, replays: int = 200) 
     for _ in range(replays):
         graph.replay()
     torch.cuda.synchronize()
+    pdl.ENABLED = True
     return (time.perf_counter() - t0) / replays
 
 
@@ -81,15 +84,18 @@ def main(argv=None) -> None:
             slot = n_slots // 2
             with torch.no_grad():
                 fused = step_time(stack, "auto", slot, n_slots)
+                fused_no_pdl = step_time(stack, "auto", slot, n_slots, use_pdl=False)
                 reference = step_time(stack, "torch", slot, n_slots)
                 kernels = kernel_profile(stack, slot, n_slots)
             weight_bytes = sum(p.numel() * p.element_size() for p in stack.h.parameters())
             row = {"stack": name, "dtype": str(dtype).removeprefix("torch."), "layers": n_layer, "n_embd": n_embd,
-                   "slot": slot, "fused_us_per_step": fused * 1e6, "torch_us_per_step": reference * 1e6,
+                   "slot": slot, "fused_us_per_step": fused * 1e6, "fused_no_pdl_us_per_step": fused_no_pdl * 1e6,
+                   "torch_us_per_step": reference * 1e6,
                    "speedup": reference / fused, "weight_bytes_per_step": weight_bytes,
                    "fused_bandwidth_tb_s": weight_bytes / fused / 1e12, "kernels": kernels}
             doc["results"].append(row)
-            print(f"{name} {row['dtype']}: fused {row['fused_us_per_step']:.1f} us/step, torch "
+            print(f"{name} {row['dtype']}: fused {row['fused_us_per_step']:.1f} us/step (without PDL "
+                  f"{row['fused_no_pdl_us_per_step']:.1f}), torch "
                   f"{row['torch_us_per_step']:.1f} us/step ({row['speedup']:.2f}x), "
                   f"{row['fused_bandwidth_tb_s']:.2f} TB/s of weights", flush=True)
             for kname, k in list(kernels.items())[:8]:

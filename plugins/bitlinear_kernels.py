@@ -8,12 +8,9 @@ triton.autotune configs (_GEMV_CONFIGS, _GEMM_CONFIGS), so a GPU picks its faste
   decode GEMV (M <= GEMV_MAX_TOKENS)  grid (N / BLOCK_N, M); weight rows read as int32 words (16 ternary values).
         Per word, two masks (w >> 2 s) & 0x33333333 put 8 codes in nibbles, and one byte permute (prmt) per half
         word turns 4 codes into an int8x4 of {-1, 0, 1} that one dp4a multiplies with 4 int8 activations: about
-        13 integer instructions per 16 weights. Two variants (the autotune meta PRE):
-          PRE=False  fused, one launch: each program computes its token's absmax over the whole row and quantizes x
-                     into the int8x4 words itself (the first weight chunk's loads go out first, to overlap).
-          PRE=True   _quantize_words_kernel quantizes x once per token into those words (M, 4, KW) (launched by
-                     the configs' pre_hook, so the autotuner times both launches together); the GEMV only streams
-                     weights. More launches, far fewer instructions per program: which wins is measured.
+        13 integer instructions per 16 weights. One launch: each program computes its token's absmax over the
+        whole row and quantizes x into the int8x4 words itself. (A variant that quantized x once per token in a
+        separate kernel measured 4x slower on an H200 and was removed.)
   batch GEMM (M > GEMV_MAX_TOKENS)    a row-quantization kernel writes x_int as int8 in a plane-major layout
         (M, 4, ceil(K/4)) — x_q[m, i, j] = x_int[m, 4j + i], the order in which the packed bytes hold the weights —
         and zeroes the split-K scratch; then a tiled kernel decodes each (BLOCK_B, BLOCK_N) byte tile into four
@@ -22,6 +19,13 @@ triton.autotune configs (_GEMV_CONFIGS, _GEMM_CONFIGS), so a GPU picks its faste
         instead of too few long ones: the splits add int32 partial sums with atomics (integer addition is exact in
         any order) and the last split of each tile (an atomic counter) rescales and stores, then leaves the scratch
         at zero again.
+
+PDL (plugins/pdl.py): the GEMV issues its first weight loads and then waits for the previous kernel
+(wait_for_previous_kernel); its reads of x and its stores come after the wait, so the weight loads overlap the
+previous kernel's tail (H200, 4096 x 4096, one token: 3.9 us with, 5.1 us without). When the call itself copies the
+weights (padding to whole words), an earlier kernel did write them: that launch goes without PDL. The batch path
+launches plainly: with PDL its GEMM ran slower at 64 tokens (16.5 vs 14.7 us), its programs' shared memory
+competing with the quantization kernel's.
 
 Exactness. The integer parts are exact: int32 accumulation (dp4a / int8 MMA) of products of integers. The float
 parts repeat bitlinear_int's IEEE float32 operations in the same order, so y is bitwise equal to
@@ -50,11 +54,14 @@ import torch
 import torch.nn.functional as F
 
 from bytedeploy.errors import UserError
+from bytedeploy.plugins.pdl import launch_options
 
 try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+
+    from bytedeploy.plugins.pdl import let_next_kernel_launch, wait_for_previous_kernel
 except ImportError:  # the CPU-only install: bitlinear_w2a8 says what is missing
     triton = None
 
@@ -175,42 +182,25 @@ if triton is not None:
         return packed
 
     @triton.jit
-    def _quantize_words_kernel(x_ptr, xw_ptr, xs_ptr, K, KW, stride_xm,
-                               BLOCK_W: tl.constexpr, BLOCK_AMAX: tl.constexpr, PTX: tl.constexpr):
-        """x (M, K) -> the GEMV's x operand: xw int32 (M, 4, KW) with xw[m, 2 s + h] = _x_words(.., s, h), and the
-        scales xs (M,). One program per token."""
-        m = tl.program_id(0)
-        x_row = x_ptr + m.to(tl.int64) * stride_xm
-        scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))
-        tl.store(xs_ptr + m, scale)
-        xw_row = xw_ptr + m.to(tl.int64) * 4 * KW
-        for w0 in range(0, KW, BLOCK_W):
-            words = w0 + tl.arange(0, BLOCK_W)
-            for s in tl.static_range(2):
-                for h in tl.static_range(2):
-                    tl.store(xw_row + (2 * s + h) * KW + words, _x_words(x_row, words, K, scale, s, h, PTX),
-                             mask=words < KW)
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, xw_ptr, xs_ptr, w_ptr, beta_ptr, y_ptr, N, K, KW, stride_xm, stride_wn, stride_ym,
-                     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_AMAX: tl.constexpr, PRE: tl.constexpr,
-                     PTX: tl.constexpr):
-        """y[m, n-block] for one token m; w_ptr: the packed weights as int32 words (N, KW). PRE: x was quantized
-        by _quantize_words_kernel into (xw, xs); else this program quantizes it itself (fused, one launch)."""
+    def _gemv_kernel(x_ptr, w_ptr, beta_ptr, y_ptr, N, K, KW, stride_xm, stride_wn, stride_ym,
+                     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_AMAX: tl.constexpr, PTX: tl.constexpr,
+                     PDL: tl.constexpr):
+        """y[m, n-block] for one token m; w_ptr: the packed weights as int32 words (N, KW). The program quantizes
+        its token's x itself."""
+        let_next_kernel_launch(PDL)
         pid_n = tl.program_id(0)
         m = tl.program_id(1)
         x_row = x_ptr + m.to(tl.int64) * stride_xm
-        xw_row = xw_ptr + m.to(tl.int64) * 4 * KW
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_w = tl.arange(0, BLOCK_W)
         n_mask = offs_n[:, None] < N
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
 
+        # the first weight chunk's loads go out before the wait (no earlier kernel writes the weights) and
+        # overlap the previous kernel's tail and then the absmax pass; x is read only after the wait
         w_next = tl.load(w_rows + offs_w[None, :], mask=n_mask & (offs_w[None, :] < KW), other=0)
-        if PRE:
-            scale = tl.load(xs_ptr + m)
-        else:
-            scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))  # overlaps the first weight chunk's latency
+        wait_for_previous_kernel(PDL)
+        scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))
 
         acc = tl.zeros([BLOCK_N, BLOCK_W], tl.int32)
         for w0 in range(0, KW, BLOCK_W):
@@ -221,10 +211,7 @@ if triton is not None:
             for s in tl.static_range(2):
                 codes = (w >> (2 * s)) & 0x33333333  # the 8 codes 2 n + s of the word, one per nibble n
                 for h in tl.static_range(2):
-                    if PRE:
-                        x_words = tl.load(xw_row + (2 * s + h) * KW + words, mask=words < KW, other=0)
-                    else:
-                        x_words = _x_words(x_row, words, K, scale, s, h, PTX)
+                    x_words = _x_words(x_row, words, K, scale, s, h, PTX)
                     acc = _dp4a(_ternary_int8x4(codes >> (16 * h), PTX), x_words[None, :], acc, PTX)
 
         beta = tl.load(beta_ptr)
@@ -309,35 +296,16 @@ if triton is not None:
                 y = total.to(tl.float32) * tl.math.div_rn(beta, scale)[:, None]
                 tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mn_mask)
 
-    def _gemv_prequantize(nargs):
-        """Config pre_hook of the GEMV: with PRE, quantize x first (timed with the GEMV when autotuning)."""
-        if nargs["PRE"]:
-            xs = nargs["xs_ptr"]
-            _quantize_words_kernel[(xs.numel(),)](
-                nargs["x_ptr"], nargs["xw_ptr"], xs, nargs["K"], nargs["KW"], nargs["stride_xm"],
-                BLOCK_W=min(triton.next_power_of_2(nargs["KW"]), 256), BLOCK_AMAX=nargs["BLOCK_AMAX"],
-                PTX=nargs["PTX"], num_warps=4)
+    def _gemv_config(block_n, block_w, num_warps):
+        return triton.Config({"BLOCK_N": block_n, "BLOCK_W": block_w}, num_warps=num_warps, num_stages=1)
 
-    def _gemv_config(block_n, block_w, pre, num_warps):
-        return triton.Config({"BLOCK_N": block_n, "BLOCK_W": block_w, "PRE": pre}, num_warps=num_warps,
-                             num_stages=1, pre_hook=_gemv_prequantize)
-
-    # BLOCK_W 256 words = a whole 4096-wide row in one chunk: all its loads in flight at once. The fused
-    # variant (PRE False) quantizes x in every program, so it wants many rows per program; the prequantized one
-    # only streams weights and can use small programs (more of them in flight per SM).
+    # BLOCK_W 256 words = a whole 4096-wide row in one chunk: all its loads in flight at once. Each program
+    # quantizes x itself, so it wants many rows per program.
     _GEMV_CONFIGS = [
-        _gemv_config(16, 256, False, 8),
-        _gemv_config(16, 256, False, 4),
-        _gemv_config(32, 256, False, 8),
-        _gemv_config(8, 256, False, 4),
-        _gemv_config(4, 256, True, 2),
-        _gemv_config(8, 256, True, 2),
-        _gemv_config(8, 256, True, 4),
-        _gemv_config(16, 256, True, 4),
-        _gemv_config(16, 256, True, 8),
-        _gemv_config(8, 128, True, 2),
-        _gemv_config(16, 128, True, 4),
-        _gemv_config(32, 128, True, 8),
+        _gemv_config(16, 256, 8),
+        _gemv_config(16, 256, 4),
+        _gemv_config(32, 256, 8),
+        _gemv_config(8, 256, 4),
     ]
 
     def _gemm_config(block_n, block_b, split_k, num_warps, num_stages):
@@ -361,6 +329,14 @@ if triton is not None:
         _gemm_config(16, 128, 8, 4, 2),
         _gemm_config(32, 256, 4, 4, 2),
         _gemm_config(64, 64, 16, 4, 2),
+        # For M = 64 (BLOCK_M 64) every program reads its K range of all 64 rows of x_q from L2: with small
+        # BLOCK_N that is N / BLOCK_N times the whole x_q. Wide tiles cut it; split-K keeps >= 128 programs.
+        _gemm_config(64, 128, 2, 4, 4),
+        _gemm_config(64, 256, 2, 8, 2),
+        _gemm_config(64, 128, 4, 8, 3),
+        _gemm_config(64, 256, 4, 8, 2),
+        _gemm_config(128, 128, 4, 8, 3),
+        _gemm_config(128, 128, 8, 8, 2),
     ]
 
     def _prune_gemm_configs(configs, named_args, **kwargs):
@@ -374,7 +350,7 @@ if triton is not None:
                                   prune_configs_by={"early_config_prune": _prune_gemm_configs})(_gemm_kernel)
 
 # Small blocks for the CPU interpreter: several chunks, partial tiles and splits even at test sizes.
-_INTERPRET_GEMV = {"BLOCK_N": 8, "BLOCK_W": 4, "PRE": False}
+_INTERPRET_GEMV = {"BLOCK_N": 8, "BLOCK_W": 4}
 _INTERPRET_GEMM = {"BLOCK_N": 16, "BLOCK_B": 32, "SPLIT_K": 1}
 
 # Tests (and benchmarks/bitlinear_kernels.py --all-configs) force one config instead of the autotuned one:
@@ -387,8 +363,9 @@ def _amax_block(K: int) -> int:
     return min(triton.next_power_of_2(K), 16384)
 
 
-def _launch(kind: str, tuned, kernel, grid, args: tuple, meta: dict, pre_hook=None) -> None:
-    """kernel[grid](*args, **meta) with the forced config, the interpreter's, or (on the GPU) the autotuned one."""
+def _launch(kind: str, tuned, kernel, grid, args: tuple, meta: dict) -> None:
+    """kernel[grid](*args, **meta) with the forced config, the interpreter's, or (on the GPU) the autotuned one.
+    meta carries the launch flags too (PDL, launch_pdl): every path launches with the same ones."""
     config = FORCED_CONFIG.get(kind) or ((_INTERPRET_GEMV if kind == "gemv" else _INTERPRET_GEMM)
                                          if interpreting() else None)
     if config is None:
@@ -398,8 +375,6 @@ def _launch(kind: str, tuned, kernel, grid, args: tuple, meta: dict, pre_hook=No
         config_meta = dict(config)
     else:
         config_meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    if pre_hook is not None:
-        pre_hook({**dict(zip(kernel.arg_names, args)), **meta, **config_meta})
     kernel[grid](*args, **meta, **config_meta)
 
 
@@ -456,12 +431,11 @@ def bitlinear_w2a8(x: torch.Tensor, packed_weight: torch.Tensor, weight_scale: t
     if M <= GEMV_MAX_TOKENS:
         words = _weight_words(packed_weight)
         KW = words.size(1)
-        xw = torch.empty(M, 4, KW, dtype=torch.int32, device=x.device)  # scratch for the PRE variant
-        xs = torch.empty(M, dtype=torch.float32, device=x.device)
+        copied = words.data_ptr() != packed_weight.data_ptr()  # the kernel just before wrote the weights
         grid = lambda cfg: (triton.cdiv(N, cfg["BLOCK_N"]), M)
         _launch("gemv", _gemv_tuned, _gemv_kernel, grid,
-                (x2, xw, xs, words, beta, y2, N, K, KW, x2.stride(0), words.stride(0), y2.stride(0)),
-                {"BLOCK_AMAX": _amax_block(K), "PTX": ptx}, pre_hook=_gemv_prequantize)
+                (x2, words, beta, y2, N, K, KW, x2.stride(0), words.stride(0), y2.stride(0)),
+                {"BLOCK_AMAX": _amax_block(K), "PTX": ptx, **({"PDL": False} if copied else launch_options(x.device))})
         return out
     KB = packed_weight.size(1)
     x_q = torch.empty(M, 4, KB, dtype=torch.int8, device=x.device)
@@ -475,5 +449,6 @@ def bitlinear_w2a8(x: torch.Tensor, packed_weight: torch.Tensor, weight_scale: t
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     grid = lambda cfg: (triton.cdiv(M, block_m), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     _launch("gemm", _gemm_tuned, _gemm_kernel, grid,
-            (x_q, scales, w, beta, y2, ws, M, N, KB, w.stride(0), y2.stride(0)), {"BLOCK_M": block_m, "PTX": ptx})
+            (x_q, scales, w, beta, y2, ws, M, N, KB, w.stride(0), y2.stride(0)),
+            {"BLOCK_M": block_m, "PTX": ptx})
     return out

@@ -119,9 +119,10 @@ class PatchDecoder:
             self.byte_step = torch.compile(self._byte_step, dynamic=False)
         # the fused Triton blocks and byte selection (plugins/decode_kernels.py) where gpt2_step would use them
         self.fused = not compile and fused_blocks(self.feature[:, None])
-        if self.fused:  # the rows that emitted the end mark, and each step's input
+        if self.fused:  # the rows that emitted the end mark, each step's input, the greedy selection's counters
             self.seen = torch.zeros(batch_size, dtype=torch.bool, device=device)
             self.x = [torch.zeros(batch_size, C, dtype=dtype, device=device) for _ in range(P)]
+            self.select_counts = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.graph = capture(self.decode, self.generator) if use_graph else None
 
     def _byte_step(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -147,18 +148,23 @@ class PatchDecoder:
                 x = model.byte_wte(token)[:, None]
 
     def decode_fused(self) -> None:
-        """decode with the fused kernels: per byte step the blocks (five kernels each), LayerNorm + LM head (one),
-        and the byte's selection, forcing, end-mark bookkeeping and next input (one; greedy: with the argmax)."""
-        from bytedeploy.plugins.decode_kernels import blocks_step, ln_linear, select_byte
+        """decode with the fused kernels: per byte step the blocks (four kernels each), then LayerNorm + LM head and
+        the byte's selection, forcing, end-mark bookkeeping and next input: one kernel when greedy (the argmax in
+        the head's last program), else the head, the draw (torch) and the selection."""
+        from bytedeploy.plugins.decode_kernels import blocks_step, head_select_byte, ln_linear, select_byte
 
         model, stack = self.model, self.model.byte_decoder
         self.seen.zero_()
         torch.add(self.feature, stack.wpe.weight[0].detach(), out=self.x[0])  # the kernels below take no grad
         for i in range(self.P):
             h = blocks_step(stack, self.x[i], self.caches, self.slots[i], self.masks[i])
-            logits = ln_linear(h, stack.ln_f, model.lm_head)
-            token = None if self.sampling.greedy else sample(logits, self.sampling, self.generator)
             x_next = self.x[i + 1] if i + 1 < self.P else None
+            if self.sampling.greedy:
+                head_select_byte(h, stack.ln_f, model.lm_head, self.select_counts, self.forced, self.n_forced,
+                                 self.seen, self.patch, i, model.byte_wte.weight, stack.wpe.weight, SPECIAL, x_next)
+                continue
+            logits = ln_linear(h, stack.ln_f, model.lm_head)
+            token = sample(logits, self.sampling, self.generator)
             select_byte(logits, token, self.forced, self.n_forced, self.seen, self.patch, i, model.byte_wte.weight,
                         stack.wpe.weight, SPECIAL, x_next)
 

@@ -116,11 +116,13 @@ class RunnerCache(dict):
 def cached_runner(model, key: tuple, build: Callable[[], object]):
     """The runner for (model, key), built once while the model's weights are unchanged: each parameter's version
     (in-place updates, e.g. a training step), storage, dtype and device are part of the key, so .half(), .to() or
-    assigning .data makes a new one; so do other KERNELS and ATTENTION settings. The runner lives on the model (it
-    refers to the model, so a cache beside it would keep the model alive) and goes with it."""
+    assigning .data makes a new one; so do other KERNELS, ATTENTION and pdl.ENABLED settings. The runner lives on the
+    model (it refers to the model, so a cache beside it would keep the model alive) and goes with it."""
+    from bytedeploy.plugins import pdl
+
     weights = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in model.parameters())
     runners = model.__dict__.setdefault(RUNNERS_ATTRIBUTE, RunnerCache())
-    full_key = (key, weights, KERNELS, ATTENTION)
+    full_key = (key, weights, KERNELS, ATTENTION, pdl.ENABLED)
     if full_key not in runners:
         runners.clear()  # one live runner per model: graphs hold their memory pools
         runners[full_key] = build()
@@ -205,6 +207,8 @@ def fused_blocks(x: torch.Tensor) -> bool:
     from bytedeploy.plugins import decode_kernels
 
     if KERNELS == "torch" or x.size(1) != 1 or x.size(0) > decode_kernels.MAX_ROWS:
+        return False
+    if 4 * x.size(2) > decode_kernels.MAX_K:  # the MLP's input rows must fit ln_linear's registers
         return False
     if torch.compiler.is_compiling() or not x.is_contiguous():
         return False

@@ -4,7 +4,8 @@ The graph holds the fused patch decode (bytedeploy.plugins.patch_decode.PatchDec
 steps) and then the patch decoder's step on the new patch, whose last hidden state is the next patch's feature.
 Rows that are done (emitted 256) get all-256 patches, as in bgpt.generate_cached. The host reads one flag per
 patch (all rows done?), one patch late so that the next replay is already queued, and otherwise only launches
-replays. At batch <= decode_kernels.MAX_ROWS both decoders' steps run the fused Triton kernels
+replays. The prompt's prefill through the patch decoder is a captured graph as well (one per prompt length). At
+batch <= decode_kernels.MAX_ROWS both decoders' steps run the fused Triton kernels
 (plugins/decode_kernels.py); options["compile"] = True runs them through torch.compile (Inductor's fused kernels)
 instead.
 """
@@ -21,6 +22,8 @@ from bytedeploy.models import bgpt
 from bytedeploy.plugins.patch_decode import SPECIAL, PatchDecoder
 from bytedeploy.runtimes.native import cached_runner, capture, gpt2_step, sampling_key, step_mask, sync
 from bytedeploy.sampling import make_generator
+
+MAX_PREFILL_GRAPHS = 8  # captured prompt prefills kept per runner (one per prompt length), the oldest dropped first
 
 
 class BgptRunner:
@@ -47,11 +50,31 @@ class BgptRunner:
         if compile:
             self.patch_step = torch.compile(self._patch_step, dynamic=False)
         self.graph = capture(self.patch_then_step, self.generator)
+        self.prefill_graphs = {}  # prompt patches T -> (static prompt (B, T, P), its captured prefill)
 
     def _patch_step(self, patch: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """The new patch (B, P) at the patch decoder's slot -> its feature (B, C)."""
         embeds = self.model.embed_patches(patch[:, None])
         return gpt2_step(self.model.patch_decoder, embeds, self.caches, slot, step_mask(self.positions, slot))[:, -1]
+
+    def prefill(self, prompt) -> None:
+        """The prompt's patches (T, P) through the patch decoder: its cache and the first patch's feature. One CUDA
+        graph per prompt length, captured at its first use: eager, these few hundred small kernels cost the host
+        several milliseconds, more than a dozen patches of generation."""
+        B, T = self.done.size(0), len(prompt)
+        patches = torch.as_tensor(prompt, dtype=torch.long)[None].repeat(B, 1, 1)
+        if T not in self.prefill_graphs:
+            if len(self.prefill_graphs) == MAX_PREFILL_GRAPHS:  # each holds its own memory pool
+                del self.prefill_graphs[next(iter(self.prefill_graphs))]
+            buffer = patches.to(self.done.device)  # real patches already: capture's warm-up run executes
+
+            def encode() -> None:
+                self.decoder.feature.copy_(self.model.encode_patches(buffer, self.caches, 0)[:, -1])
+
+            self.prefill_graphs[T] = (buffer, capture(encode))
+        buffer, graph = self.prefill_graphs[T]
+        buffer.copy_(patches)
+        graph.replay()
 
     def patch_then_step(self) -> None:
         self.decoder.decode()
@@ -66,7 +89,6 @@ class BgptRunner:
 
     def run(self, prompt, tail, max_patches: int, seed: int) -> tuple[torch.Tensor, int]:
         """-> (generated patches (B, n, P) with the forced tail bytes still in front, n)."""
-        B = self.done.size(0)
         device = self.done.device
         self.generator.manual_seed(seed)
         self.out.fill_(SPECIAL)
@@ -77,8 +99,7 @@ class BgptRunner:
         if k:
             self.decoder.forced[:, :k] = torch.tensor(tail, dtype=torch.long, device=device)
         self.decoder.n_forced.fill_(k)
-        x = torch.tensor(prompt, device=device)[None].expand(B, -1, -1)
-        self.decoder.feature.copy_(self.model.encode_patches(x, self.caches, 0)[:, -1])
+        self.prefill(prompt)
         n = 0
         for j in range(max_patches):
             self.graph.replay()

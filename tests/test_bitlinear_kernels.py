@@ -180,6 +180,36 @@ def test_autotuned_kernels_inside_a_cuda_graph():
 
 
 @gpu
+@pytest.mark.parametrize("tokens,K", [(1, 1024), (1, 1000), (64, 1024)])
+def test_chained_calls_inside_a_cuda_graph(tokens, K):
+    """Each call reads the previous call's output, as in a model: with PDL (sm_90+) the GEMV starts before the
+    previous kernel ends, so x must be read only after its wait. K = 1000: the GEMV pads the weights (a copy each
+    call) and launches without PDL; 64 tokens: the batch path (no PDL) after and before other kernels."""
+    layers = [make_case((tokens,), K, K, torch.float16, "cuda", seed=s)[1:] for s in range(4)]
+    x = make_case((tokens,), K, K, torch.float16, "cuda")[0]
+    outs = [torch.empty_like(x) for _ in layers]
+
+    def chain():
+        h = x
+        for (packed, beta), out in zip(layers, outs):
+            h = bk.bitlinear_w2a8(h, packed, beta, K, out=out)
+
+    chain()  # warm-up: autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    for out in outs:
+        out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    h = x
+    for (packed, beta), out in zip(layers, outs):
+        h = bitlinear_int(h, packed, beta, K).half()
+        assert torch.equal(out, h)
+
+
+@gpu
 def test_kernel_out_argument_on_a_side_stream():
     x, packed, beta = make_case((2,), 512, 256, torch.float16, "cuda")
     out = torch.full((2, 256), float("nan"), dtype=torch.float16, device="cuda")
@@ -232,13 +262,12 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         check_bitwise(*make_case(lead, K, N, dtype, "cpu"), K)
     check_bitwise(*make_case((6,), 97, 29, torch.float16, "cpu", binary=True), 97)
 
-    # GEMV: fused and prequantized (PRE), one and several chunks, K % 16 != 0, M = 1 and 4 (leading dims kept)
-    for pre in (False, True):
-        for block_w in (4, 8):
-            gemv = {"BLOCK_N": 8, "BLOCK_W": block_w, "PRE": pre}
-            for lead, K, N, dtype in [((1,), 100, 37, torch.float32), ((2, 2), 128, 20, torch.float16),
-                                      ((1,), 97, 9, torch.float16), ((3,), 4, 3, torch.float32)]:
-                check_bitwise_forced("gemv", gemv, *make_case(lead, K, N, dtype, "cpu"), K)
+    # GEMV: one and several chunks, K % 16 != 0, M = 1 and 4 (leading dims kept)
+    for block_w in (4, 8):
+        gemv = {"BLOCK_N": 8, "BLOCK_W": block_w}
+        for lead, K, N, dtype in [((1,), 100, 37, torch.float32), ((2, 2), 128, 20, torch.float16),
+                                  ((1,), 97, 9, torch.float16), ((3,), 4, 3, torch.float32)]:
+            check_bitwise_forced("gemv", gemv, *make_case(lead, K, N, dtype, "cpu"), K)
 
     # GEMM: split-K 1..4 (3: uneven splits, some empty), BLOCK_M 16 / 32 / 64 (M = 5, 17, 33), K % 16 != 0
     for split_k in (1, 2, 3, 4):
@@ -262,7 +291,7 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not triton_interpreter.usable(), reason="needs Triton >= 3.9 for its CPU interpreter")
 def test_kernels_bitwise_in_triton_interpreter(tmp_path):
     """The same kernels on the CPU (TRITON_INTERPRET=1 must be set before Triton is imported: a subprocess).
-    The interpreter takes the portable forms of rint, dp4a, prmt and the packed plane decode; every code path:
-    fused and prequantized GEMV, GEMM with and without split-K, regime boundaries, ties, b1 weights, padded K,
+    The interpreter takes the portable forms of rint, dp4a, prmt and the packed plane decode (and runs without
+    PDL); every code path: GEMV, GEMM with and without split-K, regime boundaries, ties, b1 weights, padded K,
     out=."""
     triton_interpreter.run_script(INTERPRETER_SCRIPT, tmp_path)

@@ -115,6 +115,8 @@ def test_patch_decode_fused_equals_torch_path_on_gpu():
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
 def test_fused_blocks_equal_torch_path_on_gpu(dtype, atol):
     check_fused_equals_torch("cuda", dtype, n_embd=256, n_head=4, steps=20, batch_sizes=(1, 3, 4), atol=atol)
+    # a head size of 24: the fused QKV + attention kernel's tiles must divide it (BLOCK_N 1, 2, 4 or 8)
+    check_fused_equals_torch("cuda", dtype, n_embd=96, n_head=4, steps=6, batch_sizes=(2,), atol=atol)
 
 
 @cuda

@@ -68,6 +68,8 @@ def test_bgpt_native_greedy_equals_eager_and_reuses_its_graph():
         assert first.outputs == eager.outputs and again.outputs == eager.outputs
         assert first.n_new == eager.n_new > 0
     assert again.extra["captured"] is False  # same batch and sampling: the captured graph was replayed
+    runner = next(iter(model.__dict__[native.RUNNERS_ATTRIBUTE].values()))
+    assert sorted(runner.prefill_graphs) == [1, 2]  # one captured prompt prefill per prompt length (BOS + whole)
 
 
 @cuda
