@@ -14,7 +14,8 @@ compare times measured in this same run. Achieved bandwidth = weight bytes read 
 
 PDL (plugins/pdl.py, sm_90+): the graph chains R calls, so with PDL each call's first weight loads overlap the
 previous call's tail, as they would between the kernels of a decode step; x is still read only after the previous
-kernel has finished. w2a8_us is with PDL where the GPU has it, w2a8_no_pdl_us the same measurement with
+kernel has finished. w2a8_us is with PDL where the GPU has it (the decode GEMV only: the batch path, M > 4,
+launches without it, so there both columns time the same kernels), w2a8_no_pdl_us the same measurement with
 pdl.ENABLED off (PDL is a constexpr kernel argument, so that is a separately compiled kernel launched without the
 PDL attribute; the autotuner's key does not include it, so both use the config tuned with PDL on).
 
