@@ -10,15 +10,23 @@ triton.autotune configs (_GEMV_CONFIGS, _GEMM_CONFIGS), so a GPU picks its faste
         word turns 4 codes into an int8x4 of {-1, 0, 1} that one dp4a multiplies with 4 int8 activations: about
         13 integer instructions per 16 weights. One launch: each program computes its token's absmax over the
         whole row and quantizes x into the int8x4 words itself. (A variant that quantized x once per token in a
-        separate kernel measured 4x slower on an H200 and was removed.)
+        separate kernel measured 4x slower on an H200 and was removed.) The X_TILE configs, for rows of one chunk
+        (KW <= BLOCK_W; the autotuner prunes them otherwise), read x once after the wait, as a contiguous (BLOCK_W,
+        16) tile, and take the absmax, quantize and build the int8x4 words in registers; the others read x once
+        for the absmax and then gather it again, 16 strided loads per chunk.
   batch GEMM (M > GEMV_MAX_TOKENS)    a row-quantization kernel writes x_int as int8 in a plane-major layout
         (M, 4, ceil(K/4)) — x_q[m, i, j] = x_int[m, 4j + i], the order in which the packed bytes hold the weights —
-        and zeroes the split-K scratch; then a tiled kernel decodes each (BLOCK_B, BLOCK_N) byte tile into four
-        int8 planes (4 bytes per 32-bit register op on the GPU) and multiplies them on the tensor cores (tl.dot
-        int8 x int8 -> int32). Split-K (autotune meta SPLIT_K, grid axis 2) gives N / BLOCK_N * SPLIT_K programs
-        instead of too few long ones: the splits add int32 partial sums with atomics (integer addition is exact in
-        any order) and the last split of each tile (an atomic counter) rescales and stores, then leaves the scratch
-        at zero again.
+        and zeroes the split-K tile counters; then a tiled kernel decodes each (BLOCK_B, BLOCK_N) byte tile into
+        four int8 planes (4 bytes per 32-bit register op on the GPU) and multiplies them on the tensor cores
+        (tl.dot int8 x int8 -> int32). Split-K (autotune meta SPLIT_K, grid axis 2) gives N / BLOCK_N * SPLIT_K
+        programs instead of too few long ones, and lets wide N tiles (fewer programs reading all of x_q from L2)
+        still fill the GPU. The reduction is deterministic and uses plain stores: each split stores its int32 tile
+        into its own slice of the scratch (parts (MAX_SPLIT_K, M, N)) and bumps the tile's counter (acq_rel); the
+        split that arrives last adds the SPLIT_K tiles in a fixed order, rescales, stores y and resets the counter
+        to 0. The partial sums need no zeroing, only the counters, ceil(M/16) * ceil(N/16) of them. (An earlier
+        version added every split's tile into one (M, N) sum with int32 atomics: one atomic per output element per
+        split, after zeroing the whole sum in the quantization kernel, and its split-K configs lost to SPLIT_K 1
+        at 64 tokens on an H200; those atomics and that zeroing were the cost this scheme removes.)
 
 PDL (plugins/pdl.py): the GEMV issues its first weight loads and then waits for the previous kernel
 (wait_for_previous_kernel); its reads of x and its stores come after the wait, so the weight loads overlap the
@@ -182,11 +190,31 @@ if triton is not None:
         return packed
 
     @triton.jit
+    def _x_tile(x_row, words, K):
+        """x of the words as a float32 tile (len(words), 16): element (j, t) = x[16 j + t], 0 past K. Each row
+        of the tile is 16 contiguous values, so the load vectorises."""
+        k = 16 * words[:, None] + tl.arange(0, 16)[None, :]
+        return tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _x_tile_words(q):
+        """The four int8x4 word vectors of _x_words (index 2 s + h) from the int32 tile q = x_int (words, 16) in
+        registers: byte e of word j = q[j, 8 h + 2 e + s]."""
+        q = tl.reshape(q, [q.shape[0], 2, 4, 2])  # (word, h, e, s)
+        e = tl.arange(0, 4)[None, None, :, None]
+        packed = tl.sum((q & 255) << (8 * e), axis=2)  # (word, h, s); the bytes are disjoint, so sum == or
+        s0, s1 = tl.split(packed)  # split takes the last axis: s, then h
+        x00, x01 = tl.split(s0)
+        x10, x11 = tl.split(s1)
+        return x00, x01, x10, x11
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, beta_ptr, y_ptr, N, K, KW, stride_xm, stride_wn, stride_ym,
                      BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_AMAX: tl.constexpr, PTX: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PDL: tl.constexpr, X_TILE: tl.constexpr):
         """y[m, n-block] for one token m; w_ptr: the packed weights as int32 words (N, KW). The program quantizes
-        its token's x itself."""
+        its token's x itself. X_TILE (only when KW <= BLOCK_W, the row in one chunk): x is read once, as a
+        (BLOCK_W, 16) tile, and quantized and packed in registers."""
         let_next_kernel_launch(PDL)
         pid_n = tl.program_id(0)
         m = tl.program_id(1)
@@ -200,37 +228,45 @@ if triton is not None:
         # overlap the previous kernel's tail and then the absmax pass; x is read only after the wait
         w_next = tl.load(w_rows + offs_w[None, :], mask=n_mask & (offs_w[None, :] < KW), other=0)
         wait_for_previous_kernel(PDL)
-        scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))
-
         acc = tl.zeros([BLOCK_N, BLOCK_W], tl.int32)
-        for w0 in range(0, KW, BLOCK_W):
-            w = w_next
-            words = w0 + offs_w
-            nxt = words + BLOCK_W
-            w_next = tl.load(w_rows + nxt[None, :], mask=n_mask & (nxt[None, :] < KW), other=0)
+        if X_TILE:  # the row is one chunk (KW <= BLOCK_W): w_next holds all of it
+            x_tile = _x_tile(x_row, offs_w, K)
+            scale = _act_scale(tl.max(tl.max(tl.abs(x_tile), axis=1), axis=0))
+            x_words = _x_tile_words(_quantize(x_tile, scale, PTX))
             for s in tl.static_range(2):
-                codes = (w >> (2 * s)) & 0x33333333  # the 8 codes 2 n + s of the word, one per nibble n
+                codes = (w_next >> (2 * s)) & 0x33333333
                 for h in tl.static_range(2):
-                    x_words = _x_words(x_row, words, K, scale, s, h, PTX)
-                    acc = _dp4a(_ternary_int8x4(codes >> (16 * h), PTX), x_words[None, :], acc, PTX)
+                    acc = _dp4a(_ternary_int8x4(codes >> (16 * h), PTX), x_words[2 * s + h][None, :], acc, PTX)
+        else:
+            scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))
+            for w0 in range(0, KW, BLOCK_W):
+                w = w_next
+                words = w0 + offs_w
+                nxt = words + BLOCK_W
+                w_next = tl.load(w_rows + nxt[None, :], mask=n_mask & (nxt[None, :] < KW), other=0)
+                for s in tl.static_range(2):
+                    codes = (w >> (2 * s)) & 0x33333333  # the 8 codes 2 n + s of the word, one per nibble n
+                    for h in tl.static_range(2):
+                        x_words = _x_words(x_row, words, K, scale, s, h, PTX)
+                        acc = _dp4a(_ternary_int8x4(codes >> (16 * h), PTX), x_words[None, :], acc, PTX)
 
         beta = tl.load(beta_ptr)
         y = tl.sum(acc, axis=1).to(tl.float32) * tl.math.div_rn(beta, scale)
         tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, ws_ptr, WS_N, K, KB, stride_xm,
+    def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, counters_ptr, NUM_COUNTERS, K, KB, stride_xm,
                               BLOCK_B: tl.constexpr, BLOCK_AMAX: tl.constexpr, BLOCK_Z: tl.constexpr,
                               PTX: tl.constexpr):
         """x (M, K) -> x_q int8 (M, 4, KB) with x_q[m, i, j] = x_int[m, 4 j + i], and the scales s (M,). Also
-        zeroes the GEMM's split-K scratch ws (WS_N int32: the partial sums and the tile counters), a share per
-        program, so that no separate memset is needed."""
+        zeroes the GEMM's split-K tile counters (NUM_COUNTERS int32), a share per program, so that no separate
+        memset is needed."""
         m = tl.program_id(0)
-        chunk = tl.cdiv(WS_N, tl.num_programs(0))
-        z_hi = tl.minimum(m * chunk + chunk, WS_N)
+        chunk = tl.cdiv(NUM_COUNTERS, tl.num_programs(0))
+        z_hi = tl.minimum(m * chunk + chunk, NUM_COUNTERS)
         for z0 in range(m * chunk, z_hi, BLOCK_Z):
             z = z0 + tl.arange(0, BLOCK_Z)
-            tl.store(ws_ptr + z, tl.zeros([BLOCK_Z], tl.int32), mask=z < z_hi)
+            tl.store(counters_ptr + z, tl.zeros([BLOCK_Z], tl.int32), mask=z < z_hi)
         x_row = x_ptr + m.to(tl.int64) * stride_xm
         scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))
         tl.store(scale_ptr + m, scale)
@@ -243,15 +279,34 @@ if triton is not None:
                 tl.store(xq_row + i * KB + j, q.to(tl.int8), mask=j < KB)
 
     @triton.jit
-    def _gemm_kernel(xq_ptr, scale_ptr, w_ptr, beta_ptr, y_ptr, ws_ptr, M, N, KB, stride_wn, stride_ym,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
-                     PTX: tl.constexpr):
+    def _sum_split_tiles(parts_ptr, tile_offs, split_stride, own_tile, pid_k, mask, SPLIT_K: tl.constexpr):
+        """The sum of the SPLIT_K int32 tiles in a fixed order: the other splits' tiles, read from their slices of
+        parts in split order (.cg: from L2, never a stale L1 line), then split pid_k's own tile from registers.
+        Adding own_tile last, not in its place, converts it from the MMA layout to the loads' layout once instead
+        of converting every loaded tile (through shared memory) to the MMA layout."""
+        others = tl.zeros(own_tile.shape, tl.int32)
+        for k in tl.static_range(SPLIT_K):
+            # where(), not mask & (k != pid_k): the interpreter types that int1 tensor & int1 scalar as int32
+            other_mask = tl.where(k != pid_k, mask, False)
+            others += tl.load(parts_ptr + k * split_stride + tile_offs, mask=other_mask, other=0,
+                              cache_modifier=".cg")
+        return others + own_tile
+
+    @triton.jit
+    def _gemm_kernel(xq_ptr, scale_ptr, w_ptr, beta_ptr, y_ptr, parts_ptr, counters_ptr, M, N, KB, stride_wn,
+                     stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                     SPLIT_K: tl.constexpr, MAY_SPLIT: tl.constexpr, PTX: tl.constexpr):
         """y (M, N) from x_q (M, 4, KB) and the packed weight bytes (N, KB): four int8 MMAs per byte tile.
 
-        Split-K (grid axis 2): split k sums the bytes [k * per, (k + 1) * per) of each row into an int32 tile,
-        adds it into ws[:M * N] with integer atomics (exact in any order) and bumps the tile's counter
-        (ws[M * N + tile]); the split that arrives last reads the total, writes y, and leaves the sums and the
-        counter at zero again (so the autotuner's repeated launches need no re-zeroing)."""
+        Split-K (grid axis 2): split k sums the bytes [k * per, (k + 1) * per) of each row into an int32 tile and
+        stores it, plainly, into its own slice parts[k] (parts: (>= SPLIT_K, M, N) int32, never zeroed: the last
+        split reads only elements that the other splits stored in this launch). Then it bumps the tile's counter
+        (counters[tile]) with an acq_rel atomic: a release of its stores. The split that sees SPLIT_K - 1 is last:
+        the others' tiles are complete (its acquire pairs with their releases); it adds all SPLIT_K tiles in a fixed
+        order (_sum_split_tiles; integer addition: exact in any order), rescales, stores y and resets the counter to 0,
+        so the next launch (the autotuner's repeats, a graph replay) finds the counters zero again. One atomic per
+        tile, where atomically adding the tiles into one sum cost one per output element per split."""
+        tl.static_assert(MAY_SPLIT or SPLIT_K == 1)  # MAY_SPLIT: M <= SPLIT_K_MAX_TOKENS (scratch; autotune key)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -286,26 +341,32 @@ if triton is not None:
             y = acc.to(tl.float32) * tl.math.div_rn(beta, scale)[:, None]
             tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mn_mask)
         else:
-            sum_ptrs = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-            tl.atomic_add(sum_ptrs, acc, mask=mn_mask, sem="relaxed")
-            tl.debug_barrier()  # all of this program's adds are issued before its counter bump (release)
-            counter = ws_ptr + M.to(tl.int64) * N + pid_m * tl.num_programs(1) + pid_n
+            tile_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+            split_stride = M.to(tl.int64) * N
+            tl.store(parts_ptr + pid_k * split_stride + tile_offs, acc, mask=mn_mask)
+            tl.debug_barrier()  # every thread's stores are issued before the counter bump (release)
+            counter = counters_ptr + pid_m * tl.num_programs(1) + pid_n
             if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:  # the last split of this tile
-                total = tl.atomic_xchg(sum_ptrs, tl.zeros_like(acc), mask=mn_mask, sem="acquire")
+                total = _sum_split_tiles(parts_ptr, tile_offs, split_stride, acc, pid_k, mn_mask, SPLIT_K)
                 tl.atomic_xchg(counter, 0, sem="relaxed")
                 y = total.to(tl.float32) * tl.math.div_rn(beta, scale)[:, None]
                 tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mn_mask)
 
-    def _gemv_config(block_n, block_w, num_warps):
-        return triton.Config({"BLOCK_N": block_n, "BLOCK_W": block_w}, num_warps=num_warps, num_stages=1)
+    def _gemv_config(block_n, block_w, num_warps, x_tile=False):
+        return triton.Config({"BLOCK_N": block_n, "BLOCK_W": block_w, "X_TILE": x_tile}, num_warps=num_warps,
+                             num_stages=1)
 
     # BLOCK_W 256 words = a whole 4096-wide row in one chunk: all its loads in flight at once. Each program
-    # quantizes x itself, so it wants many rows per program.
+    # quantizes x itself, so it wants many rows per program. The X_TILE copies apply where the row is one chunk.
     _GEMV_CONFIGS = [
         _gemv_config(16, 256, 8),
         _gemv_config(16, 256, 4),
         _gemv_config(32, 256, 8),
         _gemv_config(8, 256, 4),
+        _gemv_config(16, 256, 8, x_tile=True),
+        _gemv_config(16, 256, 4, x_tile=True),
+        _gemv_config(32, 256, 8, x_tile=True),
+        _gemv_config(8, 256, 4, x_tile=True),
     ]
 
     def _gemm_config(block_n, block_b, split_k, num_warps, num_stages):
@@ -328,29 +389,42 @@ if triton is not None:
         _gemm_config(64, 128, 8, 8, 2),
         _gemm_config(16, 128, 8, 4, 2),
         _gemm_config(32, 256, 4, 4, 2),
-        _gemm_config(64, 64, 16, 4, 2),
         # For M = 64 (BLOCK_M 64) every program reads its K range of all 64 rows of x_q from L2: with small
         # BLOCK_N that is N / BLOCK_N times the whole x_q. Wide tiles cut it; split-K keeps >= 128 programs.
         _gemm_config(64, 128, 2, 4, 4),
         _gemm_config(64, 256, 2, 8, 2),
         _gemm_config(64, 128, 4, 8, 3),
         _gemm_config(64, 256, 4, 8, 2),
+        _gemm_config(64, 128, 8, 4, 2),
         _gemm_config(128, 128, 4, 8, 3),
         _gemm_config(128, 128, 8, 8, 2),
+        # BLOCK_N 128 with 4 warps spills registers in the main loop (sm_90, BLOCK_M 64): 8 warps, BLOCK_B 64
+        _gemm_config(128, 64, 4, 8, 2),
+        _gemm_config(128, 64, 8, 8, 2),
     ]
+    # the split-K scratch holds MAX_SPLIT_K (M, N) int32 slices of partial sums: enough for every config
+    MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _GEMM_CONFIGS)
+
+    def _prune_gemv_configs(configs, named_args, **kwargs):
+        """Drop the X_TILE configs whose BLOCK_W is shorter than the row (the X_TILE=False ones fit every K)."""
+        return [c for c in configs if _gemv_config_fits(c.kwargs, named_args["KW"])]
 
     def _prune_gemm_configs(configs, named_args, **kwargs):
-        """Drop splits shorter than one BLOCK_B tile (they would only add atomics)."""
+        """Drop splits shorter than one BLOCK_B tile (they would only add partial tiles to store and add up), and
+        every split where M is too large for the scratch (MAY_SPLIT off)."""
         kb = named_args["KB"]
-        kept = [c for c in configs if c.kwargs["SPLIT_K"] == 1 or kb // c.kwargs["SPLIT_K"] >= c.kwargs["BLOCK_B"]]
-        return kept or configs
+        unsplit = [c for c in configs if c.kwargs["SPLIT_K"] == 1]
+        if not kwargs["MAY_SPLIT"]:
+            return unsplit
+        return [c for c in configs if c.kwargs["SPLIT_K"] == 1 or kb // c.kwargs["SPLIT_K"] >= c.kwargs["BLOCK_B"]]
 
-    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K"])(_gemv_kernel)
-    _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "KB", "BLOCK_M"],
+    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K"],
+                                  prune_configs_by={"early_config_prune": _prune_gemv_configs})(_gemv_kernel)
+    _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "KB", "BLOCK_M", "MAY_SPLIT"],
                                   prune_configs_by={"early_config_prune": _prune_gemm_configs})(_gemm_kernel)
 
 # Small blocks for the CPU interpreter: several chunks, partial tiles and splits even at test sizes.
-_INTERPRET_GEMV = {"BLOCK_N": 8, "BLOCK_W": 4}
+_INTERPRET_GEMV = {"BLOCK_N": 8, "BLOCK_W": 4, "X_TILE": False}
 _INTERPRET_GEMM = {"BLOCK_N": 16, "BLOCK_B": 32, "SPLIT_K": 1}
 
 # Tests (and benchmarks/bitlinear_kernels.py --all-configs) force one config instead of the autotuned one:
@@ -361,6 +435,23 @@ FORCED_CONFIG: dict = {}
 def _amax_block(K: int) -> int:
     """The whole row in one load when it fits: the absmax pass then costs one round trip to L2, not K / block."""
     return min(triton.next_power_of_2(K), 16384)
+
+
+SPLIT_K_MAX_TOKENS = 256  # above: no split-K (a prefill's M x N tiles fill the GPU anyway; no scratch)
+
+
+def _split_k_scratch(M: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM's split-K scratch, uninitialised: partial sums (MAX_SPLIT_K, M, N) int32 (they need no zeroing;
+    8 MB at 64 x 4096, from the caching allocator; none above SPLIT_K_MAX_TOKENS) and one int32 counter per
+    output tile (tiles are at least 16 x 16), which _quantize_rows_kernel zeroes before the GEMM."""
+    num_parts = MAX_SPLIT_K * M * N if M <= SPLIT_K_MAX_TOKENS else 0
+    ws = torch.empty(num_parts + triton.cdiv(M, 16) * triton.cdiv(N, 16), dtype=torch.int32, device=device)
+    return ws[:num_parts].view(-1, M, N), ws[num_parts:]
+
+
+def _gemv_config_fits(config_meta: dict, KW: int) -> bool:
+    """X_TILE reads the whole row as one (BLOCK_W, 16) tile: only for rows of at most BLOCK_W words."""
+    return not config_meta.get("X_TILE") or KW <= config_meta["BLOCK_W"]
 
 
 def _launch(kind: str, tuned, kernel, grid, args: tuple, meta: dict) -> None:
@@ -375,6 +466,16 @@ def _launch(kind: str, tuned, kernel, grid, args: tuple, meta: dict) -> None:
         config_meta = dict(config)
     else:
         config_meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    if kind == "gemv":
+        KW = dict(zip(kernel.arg_names, args))["KW"]
+        if not _gemv_config_fits(config_meta, KW):
+            raise UserError(f"the forced GEMV config {config_meta} has X_TILE, which needs rows of at most BLOCK_W "
+                            f"words; these have {KW}")
+    if kind == "gemm":
+        splits = MAX_SPLIT_K if meta["MAY_SPLIT"] else 1
+        if config_meta["SPLIT_K"] > splits:
+            raise UserError(f"the forced GEMM config {config_meta} has more splits than the split-K scratch holds "
+                            f"here ({splits}: MAX_SPLIT_K up to {SPLIT_K_MAX_TOKENS} tokens, then 1)")
     kernel[grid](*args, **meta, **config_meta)
 
 
@@ -440,15 +541,14 @@ def bitlinear_w2a8(x: torch.Tensor, packed_weight: torch.Tensor, weight_scale: t
     KB = packed_weight.size(1)
     x_q = torch.empty(M, 4, KB, dtype=torch.int8, device=x.device)
     scales = torch.empty(M, dtype=torch.float32, device=x.device)
-    # split-K scratch: int32 sums (M, N) and one counter per output tile (tiles are at least 16 x 16)
-    ws = torch.empty(M * N + triton.cdiv(M, 16) * triton.cdiv(N, 16), dtype=torch.int32, device=x.device)
-    _quantize_rows_kernel[(M,)](x2, x_q, scales, ws, ws.numel(), K, KB, x2.stride(0),
+    parts, counters = _split_k_scratch(M, N, x.device)
+    _quantize_rows_kernel[(M,)](x2, x_q, scales, counters, counters.numel(), K, KB, x2.stride(0),
                                 BLOCK_B=min(triton.next_power_of_2(KB), 2048), BLOCK_AMAX=_amax_block(K),
                                 BLOCK_Z=1024, PTX=ptx, num_warps=8)  # one pass over a row
     w = packed_weight if packed_weight.stride(1) == 1 else packed_weight.contiguous()
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     grid = lambda cfg: (triton.cdiv(M, block_m), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     _launch("gemm", _gemm_tuned, _gemm_kernel, grid,
-            (x_q, scales, w, beta, y2, ws, M, N, KB, w.stride(0), y2.stride(0)),
-            {"BLOCK_M": block_m, "PTX": ptx})
+            (x_q, scales, w, beta, y2, parts, counters, M, N, KB, w.stride(0), y2.stride(0)),
+            {"BLOCK_M": block_m, "MAY_SPLIT": M <= SPLIT_K_MAX_TOKENS, "PTX": ptx})
     return out

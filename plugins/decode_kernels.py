@@ -20,8 +20,13 @@ q, k and v columns are done (an atomic counter, as in a split-K reduction); the 
 attends for it: the new key and value are stored at the cache slot for later steps, the cached keys before the
 slot are read in blocks with an online softmax, and the loop stops at the slot (a device value), so a step reads
 only the keys written so far. Keys after the query's slot are never attended: every caller decodes causally
-(key_mask = positions <= slot); key_mask is still applied within that range. One kernel fewer per block than a
-separate attention kernel, whose launch cost more than the attention itself.
+(key_mask = positions <= slot); key_mask, when given, is still applied within that range. One kernel fewer per
+block than a separate attention kernel, whose launch cost more than the attention itself. Right after their wait
+the programs ask L2 for the head's cached keys and values (PREFETCH_KV): written a step or a patch ago, they have
+likely been evicted by the weights streamed since, and the attending program, the last one, would wait for them.
+
+bGPT's glue between its two decoders is two more kernels (embed_patch, patch_feature) instead of about twenty torch
+kernels that would break the chain of PDL launches.
 
 Numerics: float32 accumulation in every dtype; LayerNorm's mean and variance in float32 (two passes, as exact as
 torch's); results equal the torch path to float32 rounding (tested against it). With TRITON_INTERPRET=1 (set
@@ -48,6 +53,7 @@ except ImportError:  # the CPU-only install: the torch path runs instead
 
 MAX_ROWS = 4  # ln_linear's one-program-per-row design pays off for a few rows; above it, cuBLAS
 MAX_K = 16384  # ln_linear holds whole input rows in registers: GPT-2 blocks up to n_embd 4096 (MLP 4 x n_embd)
+PREFETCH_KV = True  # qkv_attention asks L2 for the cached keys and values early (the benchmarks measure both)
 ACT_NONE, ACT_GELU_TANH, ACT_GELU_ERF = 0, 1, 2
 
 
@@ -75,33 +81,51 @@ if triton is not None:
             return v
 
     @triton.jit
-    def _ln_gemv(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, res_ptr, y_dtype, m, pid_n, N, K, stride_xm, stride_wn,
-                 stride_rm, eps, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                 ACT: tl.constexpr, PDL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """act(LN(x[m]) @ W[n-block].T + b) (+ res[m, n-block]) in float32 -> (y, offs_n, n_mask). BLOCK_K >= K:
-        whole rows, no loop, so that after the wait there is one round trip to memory (x and the residual, in
-        parallel); the weights, LayerNorm parameters and bias were all requested before it."""
+    def _layer_norm(x, g, beta, k_mask, K, eps):
+        """LayerNorm of one row x (float32, zeros where not k_mask) with weight g and bias beta, in float32; mean
+        and variance in two passes, as exact as torch's."""
+        mean = tl.sum(x, axis=0) / K
+        centred = tl.where(k_mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
+        return centred * rstd * g + beta
+
+    @triton.jit
+    def _gemv_operands(ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, pid_n, N, K, stride_wn, HAS_LN: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """What no earlier kernel writes, requested before the wait: the program's BLOCK_N whole weight rows, the
+        LayerNorm's weight and bias, the bias (zeros where absent) -> (w, g, beta, bias)."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         n_mask = offs_n < N
         k_mask = offs_k < K
         w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        g = tl.zeros([BLOCK_K], tl.float32)
+        beta = tl.zeros([BLOCK_K], tl.float32)
+        bias = tl.zeros([BLOCK_N], tl.float32)
         if HAS_LN:
             g = tl.load(ln_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             beta = tl.load(ln_b_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        wait_for_previous_kernel(PDL)
+        return w, g, beta, bias
+
+    @triton.jit
+    def _ln_gemv(x_ptr, w, g, beta, bias, res_ptr, y_dtype, m, pid_n, N, K, stride_xm, stride_rm, eps,
+                 HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """act(LN(x[m]) @ W[n-block].T + b) (+ res[m, n-block]) in float32 -> (y, offs_n, n_mask), from the
+        _gemv_operands, after the wait. BLOCK_K >= K: whole rows, no loop, so that after the wait there is one round
+        trip to memory (x and the residual, in parallel)."""
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_mask = offs_n < N
+        k_mask = offs_k < K
         x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         if HAS_RES:
             res = tl.load(res_ptr + m.to(tl.int64) * stride_rm + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if HAS_LN:
-            mean = tl.sum(x, axis=0) / K
-            centred = tl.where(k_mask, x - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
-            x = centred * rstd * g + beta
-            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)  # the LayerNorm output in the model's dtype
+            x = _layer_norm(x, g, beta, k_mask, K, eps).to(x_ptr.dtype.element_ty).to(tl.float32)  # model's dtype
         y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         if HAS_BIAS:
             y += bias
@@ -119,17 +143,29 @@ if triton is not None:
         """y[m, n-block] = act(LN(x[m]) @ W[n-block].T + b) (+ res[m, n-block]); grid (N / BLOCK_N, rows)."""
         let_next_kernel_launch(PDL)
         m = tl.program_id(1)
-        y, offs_n, n_mask = _ln_gemv(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, res_ptr, y_ptr.dtype.element_ty, m,
-                                     tl.program_id(0), N, K, stride_xm, stride_wn, stride_rm, eps, HAS_LN, HAS_BIAS,
-                                     HAS_RES, ACT, PDL, BLOCK_K, BLOCK_N)
+        w, g, beta, bias = _gemv_operands(ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, tl.program_id(0), N, K, stride_wn, HAS_LN,
+                                          HAS_BIAS, BLOCK_K, BLOCK_N)
+        wait_for_previous_kernel(PDL)
+        y, offs_n, n_mask = _ln_gemv(x_ptr, w, g, beta, bias, res_ptr, y_ptr.dtype.element_ty, m, tl.program_id(0),
+                                     N, K, stride_xm, stride_rm, eps, HAS_LN, HAS_BIAS, HAS_RES, ACT, BLOCK_K, BLOCK_N)
         tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
+    def _prefetch_l2(ptrs, mask, PTX: tl.constexpr):
+        """Ask L2 for the lines at ptrs where mask holds (prefetch.global.L2: no registers, nothing waits for it).
+        With PTX off (the interpreter, or PREFETCH_KV off): nothing."""
+        if PTX:
+            address = tl.where(mask, ptrs.to(tl.int64), 0)  # masked lanes: 0, skipped
+            tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s64 p, $1, 0; @p prefetch.global.L2 [$1]; "
+                                      "mov.u32 $0, 0; }", "=r,l", [address], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _attend(qkv_row, k_ptr, v_ptr, head, slot, mask_ptr, y_row, C, stride_cl, scale,
-                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+                HAS_MASK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
         """One head of one row: store the new k, v (from the qkv row, written by other programs of this kernel:
         read from L2, .cg) at the slot; y_row[head] = softmax(q k^T * scale) v over keys 0..slot that key_mask
-        allows (online softmax over blocks of BLOCK_L keys). head: the (row, head) offset into the caches."""
+        allows (all of them without HAS_MASK; online softmax over blocks of BLOCK_L keys). head: the (row, head)
+        offset into the caches."""
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         q = tl.load(qkv_row + offs_d, mask=d_mask, other=0.0, cache_modifier=".cg").to(tl.float32) * scale
@@ -149,7 +185,9 @@ if triton is not None:
             kv_offs = head + offs_l[:, None] * stride_cl + offs_d[None, :]
             k = tl.load(k_ptr + kv_offs, mask=cached, other=0.0)
             v = tl.load(v_ptr + kv_offs, mask=cached, other=0.0)
-            allowed = (offs_l <= slot) & (tl.load(mask_ptr + offs_l, mask=offs_l <= slot, other=0) != 0)
+            allowed = offs_l <= slot
+            if HAS_MASK:
+                allowed &= tl.load(mask_ptr + offs_l, mask=offs_l <= slot, other=0) != 0
             is_new = (offs_l == slot)[:, None]
             k = tl.where(is_new, k_new[None, :], k).to(tl.float32)
             v = tl.where(is_new, v_new[None, :], v).to(tl.float32)
@@ -167,28 +205,43 @@ if triton is not None:
     def _qkv_attention_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, qkv_ptr, k_ptr, v_ptr, slot_ptr, mask_ptr,
                               y_ptr, count_ptr, C, K, stride_xm, stride_wn, stride_qm, stride_cb, stride_ch,
                               stride_cl, stride_ym, eps, scale,
-                              HAS_BIAS: tl.constexpr, PDL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                              HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+                              D: tl.constexpr, BLOCK_D: tl.constexpr, LINE: tl.constexpr, BLOCK_L: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """qkv[m, n-block] = LN(x[m]) @ W[n-block].T + b, as ln_linear (N = 3 C); then the program that finishes
         the last of a head's q, k and v columns of row m attends for that head (_attend). BLOCK_N divides D, so a
         program's columns lie in one head's q, k or v: 3 D / BLOCK_N programs per (row, head), counted in
-        count_ptr (zero before; the last program sets it back to zero)."""
+        count_ptr (zero before; the last program sets it back to zero).
+
+        Right after the wait, the head's programs ask L2 for the cached keys and values before the slot (each a
+        share of the rows): written steps ago, they are usually back in DRAM, and the attending program would
+        otherwise wait for them after everything else."""
         let_next_kernel_launch(PDL)
         pid_n = tl.program_id(0)
         m = tl.program_id(1)
         qkv_row = qkv_ptr + m.to(tl.int64) * stride_qm
-        y, offs_n, n_mask = _ln_gemv(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, w_ptr, qkv_ptr.dtype.element_ty, m,
-                                     pid_n, 3 * C, K, stride_xm, stride_wn, 0, eps, True, HAS_BIAS, False, 0, PDL,
-                                     BLOCK_K, BLOCK_N)
-        tl.store(qkv_row + offs_n, y.to(qkv_ptr.dtype.element_ty), mask=n_mask)
         h = (pid_n * BLOCK_N) % C // D
+        head = m.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+        w, g, beta, bias = _gemv_operands(ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, pid_n, 3 * C, K, stride_wn, True,
+                                          HAS_BIAS, BLOCK_K, BLOCK_N)
+        wait_for_previous_kernel(PDL)
+        slot = tl.load(slot_ptr)
+        share = pid_n * BLOCK_N // C * (D // BLOCK_N) + pid_n * BLOCK_N % D // BLOCK_N  # 0 .. 3 D / BLOCK_N - 1
+        rows = share + (3 * D // BLOCK_N) * tl.arange(0, BLOCK_L)
+        cols = tl.arange(0, BLOCK_D // LINE) * LINE  # one address per LINE values: 64 bytes in float32
+        kv_offs = head + rows[:, None] * stride_cl + cols[None, :]
+        cached = (rows[:, None] < slot) & (cols[None, :] < D)
+        _prefetch_l2(k_ptr + kv_offs, cached, PREFETCH)
+        _prefetch_l2(v_ptr + kv_offs, cached, PREFETCH)
+        y, offs_n, n_mask = _ln_gemv(x_ptr, w, g, beta, bias, w_ptr, qkv_ptr.dtype.element_ty, m, pid_n, 3 * C, K,
+                                     stride_xm, 0, eps, True, HAS_BIAS, False, 0, BLOCK_K, BLOCK_N)
+        tl.store(qkv_row + offs_n, y.to(qkv_ptr.dtype.element_ty), mask=n_mask)
         counter = count_ptr + m * (C // D) + h
         tl.debug_barrier()  # every thread's stores are issued before the counter's release
         if tl.atomic_add(counter, 1, sem="acq_rel") == 3 * (D // BLOCK_N) - 1:
             tl.atomic_xchg(counter, 0, sem="relaxed")
-            head = m.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
-            _attend(qkv_row + h * D, k_ptr, v_ptr, head, tl.load(slot_ptr), mask_ptr,
-                    y_ptr + m.to(tl.int64) * stride_ym + h * D, C, stride_cl, scale, D, BLOCK_D, BLOCK_L)
+            _attend(qkv_row + h * D, k_ptr, v_ptr, head, slot, mask_ptr,
+                    y_ptr + m.to(tl.int64) * stride_ym + h * D, C, stride_cl, scale, HAS_MASK, D, BLOCK_D, BLOCK_L)
 
     @triton.jit
     def _select_byte(b, logits_ptr, token_ptr, forced_ptr, n_forced_ptr, seen_ptr, patch_ptr, wte_ptr, wpe_ptr,
@@ -241,9 +294,12 @@ if triton is not None:
         program of row b to finish (count_ptr[b], zero before and after) then selects its byte (_select_byte)."""
         let_next_kernel_launch(PDL)
         b = tl.program_id(1)
-        y, offs_n, n_mask = _ln_gemv(h_ptr, ln_w_ptr, ln_b_ptr, w_ptr, w_ptr, w_ptr, logits_ptr.dtype.element_ty, b,
-                                     tl.program_id(0), V, C, stride_hm, stride_wn, 0, eps, True, False, False, 0, PDL,
-                                     BLOCK_K, BLOCK_N)
+        w, g, beta, bias = _gemv_operands(ln_w_ptr, ln_b_ptr, w_ptr, w_ptr, tl.program_id(0), V, C, stride_wn, True,
+                                          False, BLOCK_K, BLOCK_N)
+        wait_for_previous_kernel(PDL)
+        y, offs_n, n_mask = _ln_gemv(h_ptr, w, g, beta, bias, w_ptr, logits_ptr.dtype.element_ty, b,
+                                     tl.program_id(0), V, C, stride_hm, 0, eps, True, False, False, 0, BLOCK_K,
+                                     BLOCK_N)
         tl.store(logits_ptr + b.to(tl.int64) * stride_lm + offs_n, y.to(logits_ptr.dtype.element_ty), mask=n_mask)
         tl.debug_barrier()  # every thread's stores are issued before the counter's release
         if tl.atomic_add(count_ptr + b, 1, sem="acq_rel") == tl.num_programs(0) - 1:
@@ -251,6 +307,76 @@ if triton is not None:
             _select_byte(b, logits_ptr, logits_ptr, forced_ptr, n_forced_ptr, seen_ptr, patch_ptr, wte_ptr, wpe_ptr,
                          x_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm, True, LAST, SPECIAL, BLOCK_V,
                          BLOCK_C)
+
+    @triton.jit
+    def _patch_embed_kernel(patch_ptr, done_ptr, out_ptr, all_done_ptr, index_ptr, pos_ptr, slot_ptr, w_ptr, b_ptr,
+                            wpe_ptr, x_ptr, B, C, N_PATCHES, stride_pm, stride_ob, stride_on, stride_wc, stride_xm,
+                            P: tl.constexpr, V: tl.constexpr, SPECIAL: tl.constexpr, PDL: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """bGPT after a patch decode, grid (C / BLOCK_C, B): x[b, c-block] = the patch decoder's input for row b's
+        new patch at slot = min(pos, N_PATCHES - 1): sum over p of w[c, p V + patch[b, p]] (embed_patches' one-hot
+        Linear, summed in order p = 0, 1, ..), + bias, + wpe[slot], each rounded to the model's dtype as torch does.
+        Program (0, 0) also does the bookkeeping of every row: out[r, min(index, N_PATCHES - 1)] = the patch, or
+        SPECIAL where the row was done before it; done[r] |= the patch holds SPECIAL; all_done = every row done;
+        slot_ptr = slot. (The embedding takes the patch as decoded, also for rows already done: their later
+        patches are all SPECIAL in out whatever they are fed.)"""
+        let_next_kernel_launch(PDL)
+        pid_c = tl.program_id(0)
+        b = tl.program_id(1)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        bias = tl.load(b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        wait_for_previous_kernel(PDL)
+        slot = tl.minimum(tl.load(pos_ptr), N_PATCHES - 1)
+        acc = tl.zeros([BLOCK_C], tl.float32)
+        for p in tl.static_range(P):
+            byte = tl.load(patch_ptr + b.to(tl.int64) * stride_pm + p)
+            column = w_ptr + offs_c.to(tl.int64) * stride_wc + p * V + byte
+            acc += tl.load(column, mask=c_mask, other=0.0).to(tl.float32)
+        dtype = x_ptr.dtype.element_ty
+        e = (acc.to(dtype).to(tl.float32) + bias).to(dtype).to(tl.float32)
+        pos_emb = tl.load(wpe_ptr + slot * C + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + b.to(tl.int64) * stride_xm + offs_c, (e + pos_emb).to(dtype), mask=c_mask)
+        if (pid_c == 0) & (b == 0):
+            tl.store(slot_ptr, slot)
+            row = tl.minimum(tl.load(index_ptr), N_PATCHES - 1)
+            offs_p = tl.arange(0, BLOCK_P)
+            p_mask = offs_p < P
+            n_done = 0
+            for r in range(0, B):
+                was_done = tl.load(done_ptr + r) != 0
+                patch = tl.load(patch_ptr + r * stride_pm + offs_p, mask=p_mask, other=0)
+                tl.store(out_ptr + r * stride_ob + row * stride_on + offs_p, tl.where(was_done, SPECIAL, patch),
+                         mask=p_mask)
+                done = was_done | (tl.max((patch == SPECIAL).to(tl.int32), axis=0) > 0)
+                tl.store(done_ptr + r, done.to(done_ptr.dtype.element_ty))
+                n_done += done.to(tl.int32)
+            tl.store(all_done_ptr, (n_done == B).to(all_done_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _patch_feature_kernel(h_ptr, ln_w_ptr, ln_b_ptr, feature_ptr, wpe_ptr, x0_ptr, seen_ptr, pos_ptr, index_ptr,
+                              C, stride_hm, stride_fm, stride_xm, eps, PDL: tl.constexpr, BLOCK_C: tl.constexpr):
+        """bGPT after the patch decoder's step, grid (B,): feature[b] = ln_f(h[b]) (the next patch's feature), the
+        byte decoder's first input x0[b] = feature[b] + wpe[0] and seen[b] = False (PatchDecoder.prepare); program
+        0 then advances pos and index by one (nothing else in this kernel reads them)."""
+        let_next_kernel_launch(PDL)
+        b = tl.program_id(0)
+        offs_c = tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        g = tl.load(ln_w_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        beta = tl.load(ln_b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        pos_emb = tl.load(wpe_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        wait_for_previous_kernel(PDL)
+        h = tl.load(h_ptr + b.to(tl.int64) * stride_hm + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        dtype = feature_ptr.dtype.element_ty
+        feature = _layer_norm(h, g, beta, c_mask, C, eps).to(dtype)
+        tl.store(feature_ptr + b.to(tl.int64) * stride_fm + offs_c, feature, mask=c_mask)
+        tl.store(x0_ptr + b.to(tl.int64) * stride_xm + offs_c, (feature.to(tl.float32) + pos_emb).to(dtype),
+                 mask=c_mask)
+        tl.store(seen_ptr + b, tl.zeros([], seen_ptr.dtype.element_ty))
+        if b == 0:
+            tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+            tl.store(index_ptr, tl.load(index_ptr) + 1)
 
     # Few output rows per program for the narrow layers (N = C: 768 outputs / 16 = 48 programs cannot keep an
     # H100's 132 SMs reading), more for the wide ones; the autotuner picks per shape among those whose weight tile
@@ -316,11 +442,11 @@ def ln_linear(x: torch.Tensor, ln, linear, act=None, residual: torch.Tensor | No
 _attention_counters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVCache -> int32 (B', H) zeros
 
 
-def qkv_attention(x: torch.Tensor, ln, c_attn, cache, slot: torch.Tensor, key_mask: torch.Tensor,
+def qkv_attention(x: torch.Tensor, ln, c_attn, cache, slot: torch.Tensor, key_mask: torch.Tensor | None,
                   n_head: int) -> torch.Tensor:
     """x (B, C) -> the attention output (B, C) of one new token per row at cache slot (1,) (a device tensor), in one
     kernel: qkv = c_attn(ln(x)), k and v stored in cache (a KVCache of (B', H, L, D), B' >= B) at the slot,
-    attention over the keys up to the slot that key_mask ((1, L) or (L,) bool) allows."""
+    attention over the keys up to the slot that key_mask ((1, L) or (L,) bool; None: all of them) allows."""
     B, C = x.shape
     D = C // n_head
     k_cache, v_cache = cache.k, cache.v
@@ -330,12 +456,15 @@ def qkv_attention(x: torch.Tensor, ln, c_attn, cache, slot: torch.Tensor, key_ma
     qkv = torch.empty(B, 3 * C, dtype=x.dtype, device=x.device)
     y = torch.empty(B, C, dtype=x.dtype, device=x.device)
     weight, bias = c_attn.weight, c_attn.bias
-    args = (x, ln.weight, ln.bias, weight, bias if bias is not None else weight, qkv, k_cache, v_cache, slot,
-            key_mask.reshape(-1), y, counts, C, C, x.stride(0), weight.stride(0), qkv.stride(0), k_cache.stride(0),
-            k_cache.stride(1), k_cache.stride(2), y.stride(0), ln.eps, 1.0 / math.sqrt(D))
+    mask = key_mask.reshape(-1) if key_mask is not None else slot  # an unused pointer without a mask
+    args = (x, ln.weight, ln.bias, weight, bias if bias is not None else weight, qkv, k_cache, v_cache, slot, mask, y,
+            counts, C, C, x.stride(0), weight.stride(0), qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), y.stride(0), ln.eps, 1.0 / math.sqrt(D))
     block_l = _INTERPRET_BLOCK_L if interpreting() else min(triton.next_power_of_2(k_cache.size(2)), 128)
-    flags = dict(HAS_BIAS=bias is not None, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_L=block_l,
-                 BLOCK_K=triton.next_power_of_2(C), **launch_options(x.device))
+    block_d = triton.next_power_of_2(D)
+    flags = dict(HAS_BIAS=bias is not None, HAS_MASK=key_mask is not None,
+                 PREFETCH=PREFETCH_KV and not interpreting(), D=D, BLOCK_D=block_d, LINE=min(16, block_d),
+                 BLOCK_L=block_l, BLOCK_K=triton.next_power_of_2(C), **launch_options(x.device))
     if interpreting():
         block_n = min(_INTERPRET_LN_LINEAR["BLOCK_N"], D & -D)  # the largest power of two dividing D, at most 8
         _qkv_attention_kernel[(3 * C // block_n, B)](*args, **flags, BLOCK_N=block_n)
@@ -344,8 +473,9 @@ def qkv_attention(x: torch.Tensor, ln, c_attn, cache, slot: torch.Tensor, key_ma
     return y
 
 
-def block_step(block, x: torch.Tensor, cache, slot: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """layers.Block for one new token per row: x (B, C) at cache slot (1,) -> x (B, C); four kernels."""
+def block_step(block, x: torch.Tensor, cache, slot: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """layers.Block for one new token per row: x (B, C) at cache slot (1,) -> x (B, C); four kernels. key_mask:
+    as qkv_attention's."""
     y = qkv_attention(x, block.ln_1, block.attn.c_attn, cache, slot, key_mask, block.attn.n_head)
     x = ln_linear(y, None, block.attn.c_proj, residual=x)
     h = ln_linear(x, block.ln_2, block.mlp.c_fc, act=block.mlp.gelu)
@@ -396,3 +526,32 @@ def head_select_byte(h: torch.Tensor, ln, lm_head, counts: torch.Tensor, forced:
         _head_select_kernel[(triton.cdiv(V, meta["BLOCK_N"]), B)](*args, **flags, **meta)
     else:
         _head_select_tuned[lambda cfg: (triton.cdiv(V, cfg["BLOCK_N"]), B)](*args, **flags)
+
+
+def embed_patch(patch: torch.Tensor, done: torch.Tensor, out: torch.Tensor, all_done: torch.Tensor,
+                index: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, patch_embedding, wpe: torch.Tensor,
+                x: torch.Tensor, special: int) -> None:
+    """bGPT's glue between a patch decode and the patch decoder's step, in one kernel (_patch_embed_kernel): x (B, C)
+    <- embed_patches(patch (B, P)) + wpe[slot] with slot = min(pos, N - 1) also written to slot (1,); out (B, N, P)
+    gets the patch at row min(index, N - 1) (SPECIAL for rows done before it); done (B,) and all_done () updated.
+    patch_embedding: the model's nn.Linear (C, P * 257); wpe (N, C): the patch decoder's positions."""
+    B, P = patch.shape
+    C = x.size(1)
+    weight = patch_embedding.weight
+    block_c = 64
+    _patch_embed_kernel[(triton.cdiv(C, block_c), B)](
+        patch, done, out, all_done, index, pos, slot, weight, patch_embedding.bias, wpe, x, B, C, wpe.size(0),
+        patch.stride(0), out.stride(0), out.stride(1), weight.stride(0), x.stride(0), P=P, V=weight.size(1) // P,
+        SPECIAL=special, BLOCK_C=block_c, BLOCK_P=triton.next_power_of_2(P), num_warps=1 if interpreting() else 2,
+        **launch_options(x.device))
+
+
+def patch_feature(h: torch.Tensor, ln_f, feature: torch.Tensor, wpe: torch.Tensor, x0: torch.Tensor,
+                  seen: torch.Tensor, pos: torch.Tensor, index: torch.Tensor) -> None:
+    """bGPT's glue after the patch decoder's blocks, in one kernel (_patch_feature_kernel): feature (B, C) <-
+    ln_f(h (B, C)), x0 <- feature + wpe[0] (wpe: the byte decoder's positions), seen <- False, pos and index
+    (1,) += 1."""
+    B, C = h.shape
+    _patch_feature_kernel[(B,)](h, ln_f.weight, ln_f.bias, feature, wpe, x0, seen, pos, index, C, h.stride(0),
+                                feature.stride(0), x0.stride(0), ln_f.eps, BLOCK_C=triton.next_power_of_2(C),
+                                num_warps=1 if interpreting() else 4, **launch_options(h.device))

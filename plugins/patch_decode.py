@@ -147,15 +147,22 @@ class PatchDecoder:
             if i + 1 < self.P:
                 x = model.byte_wte(token)[:, None]
 
-    def decode_fused(self) -> None:
+    def prepare(self) -> None:
+        """The fused path's start of a patch: no row has emitted the end mark yet; the first input is the feature
+        at position 0."""
+        self.seen.zero_()
+        torch.add(self.feature, self.model.byte_decoder.wpe.weight[0].detach(), out=self.x[0])  # (no grad)
+
+    def decode_fused(self, prepared: bool = False) -> None:
         """decode with the fused kernels: per byte step the blocks (four kernels each), then LayerNorm + LM head and
         the byte's selection, forcing, end-mark bookkeeping and next input: one kernel when greedy (the argmax in
-        the head's last program), else the head, the draw (torch) and the selection."""
+        the head's last program), else the head, the draw (torch) and the selection. prepared: the caller has
+        already done prepare() (bGPT's native loop does it in the kernel that ends the previous patch)."""
         from bytedeploy.plugins.decode_kernels import blocks_step, head_select_byte, ln_linear, select_byte
 
         model, stack = self.model, self.model.byte_decoder
-        self.seen.zero_()
-        torch.add(self.feature, stack.wpe.weight[0].detach(), out=self.x[0])  # the kernels below take no grad
+        if not prepared:
+            self.prepare()
         for i in range(self.P):
             h = blocks_step(stack, self.x[i], self.caches, self.slots[i], self.masks[i])
             x_next = self.x[i + 1] if i + 1 < self.P else None

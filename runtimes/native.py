@@ -116,13 +116,14 @@ class RunnerCache(dict):
 def cached_runner(model, key: tuple, build: Callable[[], object]):
     """The runner for (model, key), built once while the model's weights are unchanged: each parameter's version
     (in-place updates, e.g. a training step), storage, dtype and device are part of the key, so .half(), .to() or
-    assigning .data makes a new one; so do other KERNELS, ATTENTION and pdl.ENABLED settings. The runner lives on the
-    model (it refers to the model, so a cache beside it would keep the model alive) and goes with it."""
-    from bytedeploy.plugins import pdl
+    assigning .data makes a new one; so do other KERNELS, ATTENTION, pdl.ENABLED and decode_kernels.PREFETCH_KV
+    settings. The runner lives on the model (it refers to the model, so a cache beside it would keep the model
+    alive) and goes with it."""
+    from bytedeploy.plugins import decode_kernels, pdl
 
     weights = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in model.parameters())
     runners = model.__dict__.setdefault(RUNNERS_ATTRIBUTE, RunnerCache())
-    full_key = (key, weights, KERNELS, ATTENTION, pdl.ENABLED)
+    full_key = (key, weights, KERNELS, ATTENTION, pdl.ENABLED, decode_kernels.PREFETCH_KV)
     if full_key not in runners:
         runners.clear()  # one live runner per model: graphs hold their memory pools
         runners[full_key] = build()

@@ -7,7 +7,9 @@ patch (all rows done?), one patch late so that the next replay is already queued
 replays. The prompt's prefill through the patch decoder is a captured graph as well (one per prompt length). At
 batch <= decode_kernels.MAX_ROWS both decoders' steps run the fused Triton kernels
 (plugins/decode_kernels.py); options["compile"] = True runs them through torch.compile (Inductor's fused kernels)
-instead.
+instead. With the fused kernels the glue between the two decoders is two kernels too
+(decode_kernels.embed_patch: the new patch's bookkeeping and embedding; decode_kernels.patch_feature: the final
+LayerNorm, the byte decoder's first input, the positions), so that every kernel of a patch is a PDL launch.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class BgptRunner:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self.positions = torch.arange(N, device=device)
+        if self.decoder.fused:  # the patch decoder's slot (min(pos, N - 1)) and input, written by embed_patch
+            self.slot = torch.zeros(1, dtype=torch.long, device=device)
+            self.patch_x = torch.zeros(batch_size, cfg.n_embd, dtype=self.decoder.feature.dtype, device=device)
         self.done_host = torch.zeros(N, dtype=torch.bool).pin_memory()  # all_done after each patch, read late
         self.done_events = [torch.cuda.Event() for _ in range(N)]
         self.patch_step = self._patch_step
@@ -70,6 +75,8 @@ class BgptRunner:
 
             def encode() -> None:
                 self.decoder.feature.copy_(self.model.encode_patches(buffer, self.caches, 0)[:, -1])
+                if self.decoder.fused:  # the patches' graph expects it done (patch_feature does it after a step)
+                    self.decoder.prepare()
 
             self.prefill_graphs[T] = (buffer, capture(encode))
         buffer, graph = self.prefill_graphs[T]
@@ -77,6 +84,15 @@ class BgptRunner:
         graph.replay()
 
     def patch_then_step(self) -> None:
+        """One patch and the patch decoder's step on it (what the graph holds)."""
+        if self.decoder.fused:
+            self.patch_then_step_fused()
+        else:
+            self.patch_then_step_torch()
+
+    def patch_then_step_torch(self) -> None:
+        """The patch (PatchDecoder.decode), then torch glue around gpt2_step (which runs the fused blocks where
+        they apply): about twenty small kernels that are not PDL launches."""
         self.decoder.decode()
         patch = self.decoder.patch.masked_fill(self.done[:, None], SPECIAL)
         self.out.index_copy_(1, self.index.clamp(max=self.N - 1), patch[:, None])
@@ -86,6 +102,19 @@ class BgptRunner:
         self.decoder.feature.copy_(self.patch_step(patch, self.pos.clamp(max=self.N - 1)))
         self.pos.add_(1)
         self.index.add_(1)
+
+    def patch_then_step_fused(self) -> None:
+        """patch_then_step in the fused kernels only: the patch (prepared by the previous patch_feature or the
+        prefill), embed_patch, the patch decoder's blocks, patch_feature."""
+        from bytedeploy.plugins.decode_kernels import blocks_step, embed_patch, patch_feature
+
+        model, decoder, stack = self.model, self.decoder, self.model.patch_decoder
+        decoder.decode_fused(prepared=True)
+        embed_patch(decoder.patch, self.done, self.out, self.all_done, self.index, self.pos, self.slot,
+                    model.patch_embedding, stack.wpe.weight, self.patch_x, SPECIAL)
+        h = blocks_step(stack, self.patch_x, self.caches, self.slot, None)
+        patch_feature(h, stack.ln_f, decoder.feature, model.byte_decoder.wpe.weight, decoder.x[0], decoder.seen,
+                      self.pos, self.index)
 
     def run(self, prompt, tail, max_patches: int, seed: int) -> tuple[torch.Tensor, int]:
         """-> (generated patches (B, n, P) with the forced tail bytes still in front, n)."""

@@ -64,29 +64,34 @@ def check_bitwise_forced(kind, config, x, packed, beta, K):
         bk.FORCED_CONFIG.pop(kind, None)
 
 
-def check_split_k_scratch_left_zero(device, config):
-    """Two launches of the GEMM on one zeroed scratch buffer: both exact, and the buffer is zero again after each
-    (the last split of a tile clears its sums and counter: the autotuner relaunches without re-zeroing)."""
-    M, K, N = 6, 160, 40
+def check_split_k_counters_left_zero(device, config):
+    """Two launches of the GEMM in a row on one scratch, as the autotuner and graph replays do: the partial sums
+    start as garbage (they need no zeroing), the quantize kernel zeroes the tile counters; both launches are exact
+    and leave every counter at zero (the last split of a tile resets it). M = 21: two BLOCK_M 16 tiles, the second
+    partial; N = 40: a partial BLOCK_N tile; KB = 200: uneven splits for every config, some of them empty."""
+    M, K, N = 21, 800, 40
     x, packed, beta = make_case((M,), K, N, torch.float16, device, seed=5)
     ref = bitlinear_int(x, packed, beta, K).to(x.dtype)
     KB = packed.size(1)
     x_q = torch.empty(M, 4, KB, dtype=torch.int8, device=device)
     scales = torch.empty(M, dtype=torch.float32, device=device)
-    ws = torch.full((M * N + bk.triton.cdiv(M, 16) * bk.triton.cdiv(N, 16),), 7, dtype=torch.int32, device=device)
+    parts, counters = bk._split_k_scratch(M, N, device)
+    parts.fill_(7)
+    counters.fill_(7)
     ptx = not bk.interpreting()
-    bk._quantize_rows_kernel[(M,)](x, x_q, scales, ws, ws.numel(), K, KB, x.stride(0), BLOCK_B=64, BLOCK_AMAX=256,
-                                   BLOCK_Z=64, PTX=ptx)
-    assert not ws.any(), "the quantize kernel must zero the split-K scratch"
+    bk._quantize_rows_kernel[(M,)](x, x_q, scales, counters, counters.numel(), K, KB, x.stride(0), BLOCK_B=64,
+                                   BLOCK_AMAX=1024, BLOCK_Z=64, PTX=ptx)
+    assert not counters.any(), "the quantize kernel must zero the split-K tile counters"
     meta = dict(config) if isinstance(config, dict) else {**config.kwargs, "num_warps": config.num_warps,
                                                           "num_stages": config.num_stages}
-    grid = (1, bk.triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+    block_m = 16
+    grid = (bk.triton.cdiv(M, block_m), bk.triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
     for _ in range(2):
         y = torch.full((M, N), float("nan"), dtype=x.dtype, device=device)
-        bk._gemm_kernel[grid](x_q, scales, packed, beta, y, ws, M, N, KB, packed.stride(0), y.stride(0), BLOCK_M=16,
-                              PTX=ptx, **meta)
+        bk._gemm_kernel[grid](x_q, scales, packed, beta, y, parts, counters, M, N, KB, packed.stride(0),
+                              y.stride(0), BLOCK_M=block_m, MAY_SPLIT=True, PTX=ptx, **meta)
         assert torch.equal(y, ref)
-        assert not ws.any(), "split-K scratch not left at zero"
+        assert not counters.any(), "split-K tile counters not left at zero"
 
 
 # ----------------------------------------------------------------------------------------------- GPU
@@ -125,13 +130,23 @@ GEMV_CONFIGS = getattr(bk, "_GEMV_CONFIGS", [])
 GEMM_CONFIGS = getattr(bk, "_GEMM_CONFIGS", [])
 
 
-@gpu
-@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=[config_id(c) for c in GEMV_CONFIGS])
-@pytest.mark.parametrize("lead,K,N,dtype", [
+def gemv_config_fits(config, K: int) -> bool:
+    """False for an X_TILE config on rows longer than its BLOCK_W words (the autotuner prunes it there)."""
+    return bk._gemv_config_fits(config.kwargs, -(-K // 16))
+
+
+GEMV_CASES = [
     ((1,), 4096, 4096, torch.float16),  # the benchmark shape
     ((4,), 4096, 1024, torch.bfloat16),  # the largest GEMV batch
     ((3,), 100, 37, torch.float32),  # K % 16 != 0 (padded words), a partial N block
     ((2,), 5000, 70, torch.float16),  # K % 16 != 0, 313 words: several BLOCK_W chunks, the last one partial
+]
+
+
+@gpu
+@pytest.mark.parametrize("config,lead,K,N,dtype", [
+    pytest.param(c, lead, K, N, dtype, id=f"{config_id(c)}-M{lead[0]}-K{K}-N{N}-{str(dtype)[6:]}")
+    for c in GEMV_CONFIGS for lead, K, N, dtype in GEMV_CASES if gemv_config_fits(c, K)
 ])
 def test_every_gemv_config_bitwise(config, lead, K, N, dtype):
     """Each autotune candidate, not only the one that wins on this GPU: a later GPU may pick another."""
@@ -152,10 +167,9 @@ def test_every_gemm_config_bitwise(config, lead, K, N, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("config", [c for c in GEMM_CONFIGS if c.kwargs["SPLIT_K"] > 1][:3],
-                         ids=config_id)
-def test_split_k_scratch_left_zero_on_gpu(config):
-    check_split_k_scratch_left_zero("cuda", config)
+@pytest.mark.parametrize("config", [c for c in GEMM_CONFIGS if c.kwargs["SPLIT_K"] > 1], ids=config_id)
+def test_split_k_counters_left_zero_on_gpu(config):
+    check_split_k_counters_left_zero("cuda", config)
 
 
 @gpu
@@ -244,12 +258,22 @@ def test_kernel_without_gpu_names_what_is_missing():
     assert ("Triton" in message) if bk.triton is None else ("CUDA GPU" in message)
 
 
+@pytest.mark.skipif(bk.triton is None, reason="needs Triton")
+def test_gemv_autotuner_prunes_x_tile_configs_for_rows_of_several_chunks():
+    assert bk._gemv_tuned.early_config_prune is bk._prune_gemv_configs
+    configs = bk._GEMV_CONFIGS
+    assert any(c.kwargs["X_TILE"] for c in configs)
+    assert bk._prune_gemv_configs(configs, {"KW": 256}) == configs  # K = 4096: one chunk of 256 words
+    assert bk._prune_gemv_configs(configs, {"KW": 313}) == [c for c in configs if not c.kwargs["X_TILE"]]
+
+
 INTERPRETER_SCRIPT = textwrap.dedent("""
     import os
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from test_bitlinear_kernels import (check_bitwise, check_bitwise_forced, check_split_k_scratch_left_zero,
+    from test_bitlinear_kernels import (check_bitwise, check_bitwise_forced, check_split_k_counters_left_zero,
                                         make_case)
+    from bytedeploy.errors import UserError
     from bytedeploy.models.bitlinear import bitlinear_int
     from bytedeploy.plugins import bitlinear_kernels as bk
 
@@ -264,18 +288,60 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 
     # GEMV: one and several chunks, K % 16 != 0, M = 1 and 4 (leading dims kept)
     for block_w in (4, 8):
-        gemv = {"BLOCK_N": 8, "BLOCK_W": block_w}
+        gemv = {"BLOCK_N": 8, "BLOCK_W": block_w, "X_TILE": False}
         for lead, K, N, dtype in [((1,), 100, 37, torch.float32), ((2, 2), 128, 20, torch.float16),
                                   ((1,), 97, 9, torch.float16), ((3,), 4, 3, torch.float32)]:
             check_bitwise_forced("gemv", gemv, *make_case(lead, K, N, dtype, "cpu"), K)
 
-    # GEMM: split-K 1..4 (3: uneven splits, some empty), BLOCK_M 16 / 32 / 64 (M = 5, 17, 33), K % 16 != 0
+    # GEMV with X_TILE (x read as one tile, packed in registers): rows of BLOCK_W words or fewer, K % 16 != 0
+    # (padded words), M = 1..4; row 0 has ties, row 1 is zero from M = 3, the last row has one large outlier
+    for block_w, Ks in [(4, (64, 60, 48, 4)), (8, (128, 100, 97))]:
+        gemv = {"BLOCK_N": 8, "BLOCK_W": block_w, "X_TILE": True}
+        for K in Ks:
+            for M in (1, 2, 3, 4):
+                for dtype in (torch.float32, torch.float16):
+                    x, packed, beta = make_case((M,), K, 12, dtype, "cpu", seed=K + M)
+                    if M > 1:
+                        x[-1, K // 3] = -300.0
+                    check_bitwise_forced("gemv", gemv, x, packed, beta, K)
+    x, packed, beta = make_case((1,), 80, 8, torch.float32, "cpu")  # 5 words > BLOCK_W: refused, not wrong
+    try:
+        check_bitwise_forced("gemv", {"BLOCK_N": 8, "BLOCK_W": 4, "X_TILE": True}, x, packed, beta, 80)
+        raise AssertionError("X_TILE with rows longer than BLOCK_W must be refused")
+    except UserError as e:
+        assert "X_TILE" in str(e)
+
+    # every GEMV autotune config at its real block sizes: one chunk (4096, 4000: padded words) and, without
+    # X_TILE (pruned there), two chunks (5000)
+    for config in bk._GEMV_CONFIGS:
+        for K in (4096, 4000, 5000):
+            if bk._gemv_config_fits(config.kwargs, -(-K // 16)):
+                check_bitwise_forced("gemv", config, *make_case((2,), K, 40, torch.float16, "cpu"), K)
+
+    # GEMM: split-K 1..4 (3: uneven splits, some empty), BLOCK_M 16 / 32 / 64 (M = 5, 17, 33), K % 16 != 0;
+    # split-K through its plain-store reduction, twice in a row on one scratch, up to MAX_SPLIT_K splits
     for split_k in (1, 2, 3, 4):
         gemm = {"BLOCK_N": 16, "BLOCK_B": 16, "SPLIT_K": split_k}
         for lead, K, N, dtype in [((5,), 130, 50, torch.float16), ((17,), 100, 33, torch.float32),
                                   ((33,), 64, 17, torch.float16)]:
             check_bitwise_forced("gemm", gemm, *make_case(lead, K, N, dtype, "cpu", seed=split_k), K)
-        check_split_k_scratch_left_zero("cpu", gemm)
+    for split_k in (2, 3, bk.MAX_SPLIT_K):
+        check_split_k_counters_left_zero("cpu", {"BLOCK_N": 16, "BLOCK_B": 16, "SPLIT_K": split_k})
+    x, packed, beta = make_case((8,), 64, 16, torch.float16, "cpu")  # more splits than the scratch holds: refused
+    try:
+        check_bitwise_forced("gemm", {"BLOCK_N": 16, "BLOCK_B": 16, "SPLIT_K": 2 * bk.MAX_SPLIT_K}, x, packed, beta,
+                             64)
+        raise AssertionError("SPLIT_K > MAX_SPLIT_K must be refused")
+    except UserError as e:
+        assert "SPLIT_K" in str(e)
+    lead = (bk.SPLIT_K_MAX_TOKENS + 1,)  # above it no split-K (no scratch for it): refused, and unsplit is exact
+    x, packed, beta = make_case(lead, 64, 16, torch.float16, "cpu")
+    try:
+        check_bitwise_forced("gemm", {"BLOCK_N": 16, "BLOCK_B": 16, "SPLIT_K": 2}, x, packed, beta, 64)
+        raise AssertionError("split-K above SPLIT_K_MAX_TOKENS must be refused")
+    except UserError as e:
+        assert "splits" in str(e)
+    check_bitwise_forced("gemm", {"BLOCK_N": 16, "BLOCK_B": 16, "SPLIT_K": 1}, x, packed, beta, 64)
 
     # out= in both regimes (and a leading shape)
     for lead in [(1, 3), (2, 4)]:
@@ -292,6 +358,6 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 def test_kernels_bitwise_in_triton_interpreter(tmp_path):
     """The same kernels on the CPU (TRITON_INTERPRET=1 must be set before Triton is imported: a subprocess).
     The interpreter takes the portable forms of rint, dp4a, prmt and the packed plane decode (and runs without
-    PDL); every code path: GEMV, GEMM with and without split-K, regime boundaries, ties, b1 weights, padded K,
-    out=."""
+    PDL); every code path: GEMV with and without X_TILE, GEMM with and without split-K, regime boundaries, ties,
+    b1 weights, padded K, out=."""
     triton_interpreter.run_script(INTERPRETER_SCRIPT, tmp_path)

@@ -106,6 +106,73 @@ def check_patch_decode_fused_equals_torch(device, n_embd=16, n_head=2, n_layer=1
     fused_and_torch_patches(model, sampled, feature, forced)
 
 
+def check_patch_glue_equals_torch(device, dtype=torch.float32, n_embd=24, n_head=2, patch_size=3, n_patches=5):
+    """embed_patch and patch_feature (bGPT's glue between the decoders) against the torch code they replace, with a
+    row that ends in this patch, one done before it, one still going; and blocks_step without a key mask equal to
+    blocks_step with the causal step mask."""
+    cfg = bgpt.Config(patch_size=patch_size, n_patches=n_patches, n_embd=n_embd, n_layer=1, n_head=n_head,
+                      byte_n_layer=1, byte_n_head=n_head)
+    torch.manual_seed(0)
+    model = bgpt.Model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model = model.to(device=device, dtype=dtype)
+    B, N, P, C = 3, n_patches, patch_size, n_embd
+    tol = dict(atol=1e-5, rtol=0) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)  # bf16: an ulp or two
+    patch = torch.randint(0, SPECIAL, (B, P), device=device)
+    patch[0, -1] = SPECIAL  # row 0 ends in this patch, row 2 was done before it, row 1 goes on
+    done = torch.tensor([False, False, True], device=device)
+    out = torch.full((B, N, P), SPECIAL, dtype=torch.long, device=device)
+    all_done = torch.zeros((), dtype=torch.bool, device=device)
+    for index_value, pos_value in [(1, 2), (7, 9)]:  # the second past the context: both clamped to N - 1
+        index = torch.tensor([index_value], device=device)
+        pos = torch.tensor([pos_value], device=device)
+        slot = torch.zeros(1, dtype=torch.long, device=device)
+        x = torch.zeros(B, C, dtype=dtype, device=device)
+        d = done.clone()
+        with torch.no_grad():
+            decode_kernels.embed_patch(patch, d, out, all_done, index, pos, slot, model.patch_embedding,
+                                       model.patch_decoder.wpe.weight, x, SPECIAL)
+            ref_x = model.embed_patches(patch[:, None])[:, 0] + model.patch_decoder.wpe.weight[min(pos_value, N - 1)]
+        torch.testing.assert_close(x, ref_x, **tol)
+        assert int(slot) == min(pos_value, N - 1)
+        assert torch.equal(out[:, min(index_value, N - 1)], patch.masked_fill(done[:, None], SPECIAL))
+        assert d.tolist() == [True, False, True] and not bool(all_done)
+    d = torch.tensor([False, True, True], device=device)
+    with torch.no_grad():
+        decode_kernels.embed_patch(patch, d, out, all_done, index, pos, slot, model.patch_embedding,
+                                   model.patch_decoder.wpe.weight, x, SPECIAL)
+    assert bool(all_done)
+
+    h = torch.randn(B, C, dtype=dtype, device=device)
+    feature, x0 = torch.zeros(B, C, dtype=dtype, device=device), torch.zeros(B, C, dtype=dtype, device=device)
+    seen = torch.ones(B, dtype=torch.bool, device=device)
+    pos, index = torch.tensor([3], device=device), torch.tensor([1], device=device)
+    with torch.no_grad():
+        decode_kernels.patch_feature(h, model.patch_decoder.ln_f, feature, model.byte_decoder.wpe.weight, x0, seen,
+                                     pos, index)
+        ref_feature = model.patch_decoder.ln_f(h)
+        torch.testing.assert_close(feature, ref_feature, **tol)
+        torch.testing.assert_close(x0, feature + model.byte_decoder.wpe.weight[0], atol=0, rtol=0)
+    assert not seen.any() and int(pos) == 4 and int(index) == 2
+
+    stack, caches = model.patch_decoder, [model.patch_decoder.make_caches(B, N) for _ in range(2)]
+    positions = torch.arange(N, device=device)
+    with torch.no_grad():
+        for i in range(3):
+            embeds, slot = torch.randn(B, C, dtype=dtype, device=device), torch.tensor([i], device=device)
+            masked = decode_kernels.blocks_step(stack, embeds, caches[0], slot, native.step_mask(positions, slot))
+            unmasked = decode_kernels.blocks_step(stack, embeds, caches[1], slot, None)
+            torch.testing.assert_close(unmasked, masked, atol=0, rtol=0)
+
+
+@cuda
+def test_patch_glue_kernels_equal_torch_on_gpu():
+    check_patch_glue_equals_torch("cuda")
+    check_patch_glue_equals_torch("cuda", torch.bfloat16, n_embd=64, n_head=4, patch_size=16, n_patches=8)
+
+
 @cuda
 def test_patch_decode_fused_equals_torch_path_on_gpu():
     check_patch_decode_fused_equals_torch("cuda", n_embd=64, n_head=4, n_layer=2, patch_size=8)
@@ -136,9 +203,11 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     import os
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from test_decode_kernels import check_fused_equals_torch, check_patch_decode_fused_equals_torch
+    from test_decode_kernels import (check_fused_equals_torch, check_patch_decode_fused_equals_torch,
+                                     check_patch_glue_equals_torch)
     check_fused_equals_torch("cpu", torch.float32, n_embd=24, n_head=2, n_layer=1, steps=5, batch_sizes=(2,))
     check_patch_decode_fused_equals_torch("cpu")
+    check_patch_glue_equals_torch("cpu")
     print("interpreter ok")
 """)
 
