@@ -12,12 +12,12 @@ warm-up replays, each replay is timed with CUDA events; the time of one call is 
 integer reference (bitlinear_int: unpacking plus a float64 matmul) is timed with events around eager calls. Ratios
 compare times measured in this same run. Achieved bandwidth = weight bytes read per call / time per call.
 
-PDL (plugins/pdl.py, sm_90+): the graph chains R calls, so with PDL each call's first weight loads overlap the
-previous call's tail, as they would between the kernels of a decode step; x is still read only after the previous
-kernel has finished. w2a8_us is with PDL where the GPU has it (the decode GEMV only: the batch path, M > 4,
-launches without it, so there both columns time the same kernels), w2a8_no_pdl_us the same measurement with
-pdl.ENABLED off (PDL is a constexpr kernel argument, so that is a separately compiled kernel launched without the
-PDL attribute; the autotuner's key does not include it, so both use the config tuned with PDL on).
+PDL (plugins/pdl.py, sm_90+): the graph chains R calls, so with PDL each call's first weight loads overlap the previous
+call's tail, as they would between the kernels of a decode step; x is still read only after the previous kernel has
+finished (the batch path: the quantization kernel waits first thing, the GEMM after its first weight loads). w2a8_us is
+with PDL where the GPU has it, w2a8_no_pdl_us the same measurement with pdl.ENABLED off (PDL is a constexpr kernel
+argument, so that is a separately compiled kernel launched without the PDL attribute; the autotuner's key does not
+include it, so both use the config tuned with PDL on).
 
 Each row names the autotune config that won (kernel_config) and the autotuner's own timings of its candidates
 (autotune_us). With --all-configs every candidate is also forced in turn and timed the same way as the kernel
@@ -97,8 +97,8 @@ def tuned_config(M: int) -> str:
 
 
 def autotune_timings(M: int, top: int = 8) -> dict:
-    """The autotuner's own measurements of its candidates for the last key it tuned (median microseconds of
-    triton's do_bench, L2 flushed), fastest first."""
+    """The autotuner's own measurements of its candidates for the last key it tuned (median microseconds, timed as
+    plugins/tuning.py says: a CUDA graph of back-to-back calls, weights in L2), fastest first."""
     timings = getattr(tuner_for(M), "configs_timings", None) or {}
     ranked = sorted(timings.items(), key=lambda item: item[1][0] if isinstance(item[1], (list, tuple)) else item[1])
     return {str(config): round(1000 * (t[0] if isinstance(t, (list, tuple)) else t), 3) for config, t in ranked[:top]}

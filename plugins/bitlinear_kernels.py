@@ -3,7 +3,8 @@
     y = bitlinear_w2a8(x, packed_weight, weight_scale, in_features)   # == bitlinear_int(...).to(x.dtype), bitwise
 
 Two paths, picked by the number of tokens M (all leading dims of x flattened); their variants and block sizes are
-triton.autotune configs (_GEMV_CONFIGS, _GEMM_CONFIGS), so a GPU picks its fastest at the first (warm-up) call:
+autotune configs (_GEMV_CONFIGS, _GEMM_CONFIGS), so a GPU picks its fastest at the first (warm-up) call, each
+candidate timed in a CUDA graph of back-to-back calls (plugins/tuning.py):
 
   decode GEMV (M <= GEMV_MAX_TOKENS)  grid (N / BLOCK_N, M); weight rows read as int32 words (16 ternary values).
         Per word, two masks (w >> 2 s) & 0x33333333 put 8 codes in nibbles, and one byte permute (prmt) per half
@@ -14,26 +15,28 @@ triton.autotune configs (_GEMV_CONFIGS, _GEMM_CONFIGS), so a GPU picks its faste
         (KW <= BLOCK_W; the autotuner prunes them otherwise), read x once after the wait, as a contiguous (BLOCK_W,
         16) tile, and take the absmax, quantize and build the int8x4 words in registers; the others read x once
         for the absmax and then gather it again, 16 strided loads per chunk.
-  batch GEMM (M > GEMV_MAX_TOKENS)    a row-quantization kernel writes x_int as int8 in a plane-major layout
-        (M, 4, ceil(K/4)) — x_q[m, i, j] = x_int[m, 4j + i], the order in which the packed bytes hold the weights —
-        and zeroes the split-K tile counters; then a tiled kernel decodes each (BLOCK_B, BLOCK_N) byte tile into
-        four int8 planes (4 bytes per 32-bit register op on the GPU) and multiplies them on the tensor cores
-        (tl.dot int8 x int8 -> int32). Split-K (autotune meta SPLIT_K, grid axis 2) gives N / BLOCK_N * SPLIT_K
-        programs instead of too few long ones, and lets wide N tiles (fewer programs reading all of x_q from L2)
-        still fill the GPU. The reduction is deterministic and uses plain stores: each split stores its int32 tile
-        into its own slice of the scratch (parts (MAX_SPLIT_K, M, N)) and bumps the tile's counter (acq_rel); the
-        split that arrives last adds the SPLIT_K tiles in a fixed order, rescales, stores y and resets the counter
-        to 0. The partial sums need no zeroing, only the counters, ceil(M/16) * ceil(N/16) of them. (An earlier
-        version added every split's tile into one (M, N) sum with int32 atomics: one atomic per output element per
-        split, after zeroing the whole sum in the quantization kernel, and its split-K configs lost to SPLIT_K 1
-        at 64 tokens on an H200; those atomics and that zeroing were the cost this scheme removes.)
+  batch GEMM (M > GEMV_MAX_TOKENS)    a row-quantization kernel writes x_int as int8 in a plane-major layout (M, 4,
+        ceil(K/4)) — x_q[m, i, j] = x_int[m, 4j + i], the order in which the packed bytes hold the weights — reading a
+        row once (up to 8192 values) as a contiguous (KB, 4) tile, and zeroes the split-K tile counters; then a tiled
+        kernel decodes each (BLOCK_B, BLOCK_N) byte tile into four int8 planes (4 bytes per 32-bit register op on the
+        GPU) and multiplies them on the tensor cores (tl.dot int8 x int8 -> int32). Split-K (autotune meta SPLIT_K, grid
+        axis 2) gives N / BLOCK_N * SPLIT_K programs instead of too few long ones, and lets wide N tiles (fewer programs
+        reading all of x_q from L2) still fill the GPU. The reduction is deterministic and uses plain stores: each split
+        stores its int32 tile into its own slice of the scratch (parts (MAX_SPLIT_K, M, N)) and bumps the tile's counter
+        (acq_rel); the split that arrives last adds the SPLIT_K tiles in a fixed order, rescales, stores y and resets
+        the counter to 0. The partial sums need no zeroing, only the counters, ceil(M/16) * ceil(N/16) of them. (An
+        earlier version added every split's tile into one (M, N) sum with int32 atomics: one atomic per output element
+        per split, after zeroing the whole sum in the quantization kernel, and its split-K configs lost to SPLIT_K 1 at
+        64 tokens on an H200; those atomics and that zeroing were the cost this scheme removes.)
 
 PDL (plugins/pdl.py): the GEMV issues its first weight loads and then waits for the previous kernel
 (wait_for_previous_kernel); its reads of x and its stores come after the wait, so the weight loads overlap the
-previous kernel's tail (H200, 4096 x 4096, one token: 3.9 us with, 5.1 us without). When the call itself copies the
-weights (padding to whole words), an earlier kernel did write them: that launch goes without PDL. The batch path
-launches plainly: with PDL its GEMM ran slower at 64 tokens (16.5 vs 14.7 us), its programs' shared memory
-competing with the quantization kernel's.
+previous kernel's tail. When the call itself copies the weights (padding to whole words), an earlier kernel did
+write them: that launch goes without PDL. The batch path's two kernels are PDL launches too: the quantization
+kernel waits first thing (it reads x and zeroes the counters that the previous GEMM may still use), the GEMM issues
+its first weight tile's loads before its wait. Only the pair helps (H200, 4096 x 4096, CUDA graph of chained calls:
+64 tokens 12.5 us without PDL, 12.7 and 12.5 us with it on one kernel only, 10.5 us with both; 16 tokens 9.7 and
+8.8 us).
 
 Exactness. The integer parts are exact: int32 accumulation (dp4a / int8 MMA) of products of integers. The float
 parts repeat bitlinear_int's IEEE float32 operations in the same order, so y is bitwise equal to
@@ -63,6 +66,7 @@ import torch.nn.functional as F
 
 from bytedeploy.errors import UserError
 from bytedeploy.plugins.pdl import launch_options
+from bytedeploy.plugins.tuning import autotune
 
 try:
     import triton
@@ -257,26 +261,38 @@ if triton is not None:
     @triton.jit
     def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, counters_ptr, NUM_COUNTERS, K, KB, stride_xm,
                               BLOCK_B: tl.constexpr, BLOCK_AMAX: tl.constexpr, BLOCK_Z: tl.constexpr,
-                              PTX: tl.constexpr):
+                              PTX: tl.constexpr, PDL: tl.constexpr):
         """x (M, K) -> x_q int8 (M, 4, KB) with x_q[m, i, j] = x_int[m, 4 j + i], and the scales s (M,). Also
         zeroes the GEMM's split-K tile counters (NUM_COUNTERS int32), a share per program, so that no separate
-        memset is needed."""
+        memset is needed. A row of at most BLOCK_B bytes (4 BLOCK_B values) is read once, as a contiguous
+        (BLOCK_B, 4) tile, and quantized in registers; longer rows are read twice (absmax, then each plane)."""
+        let_next_kernel_launch(PDL)
         m = tl.program_id(0)
+        wait_for_previous_kernel(PDL)  # the previous GEMM may still read the counters; x is written before
         chunk = tl.cdiv(NUM_COUNTERS, tl.num_programs(0))
         z_hi = tl.minimum(m * chunk + chunk, NUM_COUNTERS)
         for z0 in range(m * chunk, z_hi, BLOCK_Z):
             z = z0 + tl.arange(0, BLOCK_Z)
             tl.store(counters_ptr + z, tl.zeros([BLOCK_Z], tl.int32), mask=z < z_hi)
         x_row = x_ptr + m.to(tl.int64) * stride_xm
-        scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))
-        tl.store(scale_ptr + m, scale)
         xq_row = xq_ptr + m.to(tl.int64) * 4 * KB
-        for j0 in range(0, KB, BLOCK_B):
-            j = j0 + tl.arange(0, BLOCK_B)
-            for i in tl.static_range(4):
-                k = 4 * j + i
-                q = _quantize(tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32), scale, PTX)
-                tl.store(xq_row + i * KB + j, q.to(tl.int8), mask=j < KB)
+        if KB <= BLOCK_B:
+            j = tl.arange(0, BLOCK_B)[:, None]
+            i = tl.arange(0, 4)[None, :]
+            x_tile = tl.load(x_row + 4 * j + i, mask=4 * j + i < K, other=0.0).to(tl.float32)
+            scale = _act_scale(tl.max(tl.max(tl.abs(x_tile), axis=1), axis=0))
+            tl.store(scale_ptr + m, scale)
+            q = _quantize(x_tile, scale, PTX)
+            tl.store(xq_row + i * KB + j, q.to(tl.int8), mask=(j < KB) & (i < 4))
+        else:
+            scale = _act_scale(_row_absmax(x_row, K, BLOCK_AMAX))
+            tl.store(scale_ptr + m, scale)
+            for j0 in range(0, KB, BLOCK_B):
+                j = j0 + tl.arange(0, BLOCK_B)
+                for i in tl.static_range(4):
+                    k = 4 * j + i
+                    q = _quantize(tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32), scale, PTX)
+                    tl.store(xq_row + i * KB + j, q.to(tl.int8), mask=j < KB)
 
     @triton.jit
     def _sum_split_tiles(parts_ptr, tile_offs, split_stride, own_tile, pid_k, mask, SPLIT_K: tl.constexpr):
@@ -295,7 +311,7 @@ if triton is not None:
     @triton.jit
     def _gemm_kernel(xq_ptr, scale_ptr, w_ptr, beta_ptr, y_ptr, parts_ptr, counters_ptr, M, N, KB, stride_wn,
                      stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                     SPLIT_K: tl.constexpr, MAY_SPLIT: tl.constexpr, PTX: tl.constexpr):
+                     SPLIT_K: tl.constexpr, MAY_SPLIT: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
         """y (M, N) from x_q (M, 4, KB) and the packed weight bytes (N, KB): four int8 MMAs per byte tile.
 
         Split-K (grid axis 2): split k sums the bytes [k * per, (k + 1) * per) of each row into an int32 tile and
@@ -307,6 +323,7 @@ if triton is not None:
         so the next launch (the autotuner's repeats, a graph replay) finds the counters zero again. One atomic per
         tile, where atomically adding the tiles into one sum cost one per output element per split."""
         tl.static_assert(MAY_SPLIT or SPLIT_K == 1)  # MAY_SPLIT: M <= SPLIT_K_MAX_TOKENS (scratch; autotune key)
+        let_next_kernel_launch(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -323,6 +340,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
         first = j_lo + offs_b
         wb_next = tl.load(w_cols + first[:, None], mask=(first[:, None] < j_hi) & n_mask, other=0)
+        wait_for_previous_kernel(PDL)  # x_q, the scales and the counters come from the quantization kernel
         for j0 in range(j_lo, j_hi, BLOCK_B):
             j = j0 + offs_b
             wb = wb_next  # the next tile's loads go out before this tile's decode and MMAs
@@ -357,16 +375,17 @@ if triton is not None:
                              num_stages=1)
 
     # BLOCK_W 256 words = a whole 4096-wide row in one chunk: all its loads in flight at once. Each program
-    # quantizes x itself, so it wants many rows per program. The X_TILE copies apply where the row is one chunk.
+    # quantizes x itself, so it wants many rows per program; the X_TILE configs apply where the row is one chunk.
+    # The candidates are those that are fast where the kernel runs, in a CUDA graph with PDL (H200, 4096 x 4096, one
+    # token, benchmarks/bitlinear_kernels.py --all-configs): there X_TILE with 16 or 32 rows and 8 warps took 3.1 us
+    # and BLOCK_N 8 with 4 warps 3.9 us, while Triton's default timing (one launch, L2 flushed, no PDL) ranked the
+    # 4-warp configs first, within 5% of the others (hence the graph timing of plugins/tuning.py).
     _GEMV_CONFIGS = [
         _gemv_config(16, 256, 8),
-        _gemv_config(16, 256, 4),
         _gemv_config(32, 256, 8),
-        _gemv_config(8, 256, 4),
         _gemv_config(16, 256, 8, x_tile=True),
-        _gemv_config(16, 256, 4, x_tile=True),
         _gemv_config(32, 256, 8, x_tile=True),
-        _gemv_config(8, 256, 4, x_tile=True),
+        _gemv_config(8, 256, 8, x_tile=True),
     ]
 
     def _gemm_config(block_n, block_b, split_k, num_warps, num_stages):
@@ -418,10 +437,8 @@ if triton is not None:
             return unsplit
         return [c for c in configs if c.kwargs["SPLIT_K"] == 1 or kb // c.kwargs["SPLIT_K"] >= c.kwargs["BLOCK_B"]]
 
-    _gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K"],
-                                  prune_configs_by={"early_config_prune": _prune_gemv_configs})(_gemv_kernel)
-    _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "KB", "BLOCK_M", "MAY_SPLIT"],
-                                  prune_configs_by={"early_config_prune": _prune_gemm_configs})(_gemm_kernel)
+    _gemv_tuned = autotune(_GEMV_CONFIGS, ["N", "K"], _prune_gemv_configs)(_gemv_kernel)
+    _gemm_tuned = autotune(_GEMM_CONFIGS, ["N", "KB", "BLOCK_M", "MAY_SPLIT"], _prune_gemm_configs)(_gemm_kernel)
 
 # Small blocks for the CPU interpreter: several chunks, partial tiles and splits even at test sizes.
 _INTERPRET_GEMV = {"BLOCK_N": 8, "BLOCK_W": 4, "X_TILE": False}
@@ -544,11 +561,13 @@ def bitlinear_w2a8(x: torch.Tensor, packed_weight: torch.Tensor, weight_scale: t
     parts, counters = _split_k_scratch(M, N, x.device)
     _quantize_rows_kernel[(M,)](x2, x_q, scales, counters, counters.numel(), K, KB, x2.stride(0),
                                 BLOCK_B=min(triton.next_power_of_2(KB), 2048), BLOCK_AMAX=_amax_block(K),
-                                BLOCK_Z=1024, PTX=ptx, num_warps=8)  # one pass over a row
+                                BLOCK_Z=1024, PTX=ptx, num_warps=8,
+                                **launch_options(x.device))
     w = packed_weight if packed_weight.stride(1) == 1 else packed_weight.contiguous()
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     grid = lambda cfg: (triton.cdiv(M, block_m), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     _launch("gemm", _gemm_tuned, _gemm_kernel, grid,
             (x_q, scales, w, beta, y2, parts, counters, M, N, KB, w.stride(0), y2.stride(0)),
-            {"BLOCK_M": block_m, "MAY_SPLIT": M <= SPLIT_K_MAX_TOKENS, "PTX": ptx})
+            {"BLOCK_M": block_m, "MAY_SPLIT": M <= SPLIT_K_MAX_TOKENS, "PTX": ptx,
+             **launch_options(x.device)})
     return out

@@ -76,7 +76,11 @@ def make_session(model_path: str | Path, device: str = "cpu", custom_ops: bool =
     ort = import_ort()
     model = str(model_path)
     if custom_ops:
-        from bytedeploy.plugins.ort_ops import model_for_ort
+        try:
+            from bytedeploy.plugins.ort_ops import model_for_ort
+        except ImportError as e:  # onnxruntime-extensions carries the Python custom ops
+            raise UserError(f"bytedeploy's ONNX Runtime custom ops need onnxruntime-extensions, which is not "
+                            f"importable ({e}); pip install onnxruntime-extensions") from None
 
         model = model_for_ort(model_path)  # bytes of the graph with the custom ops ORT-resolvable
     try:

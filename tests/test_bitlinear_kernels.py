@@ -80,7 +80,7 @@ def check_split_k_counters_left_zero(device, config):
     counters.fill_(7)
     ptx = not bk.interpreting()
     bk._quantize_rows_kernel[(M,)](x, x_q, scales, counters, counters.numel(), K, KB, x.stride(0), BLOCK_B=64,
-                                   BLOCK_AMAX=1024, BLOCK_Z=64, PTX=ptx)
+                                   BLOCK_AMAX=1024, BLOCK_Z=64, PTX=ptx, PDL=False)  # KB > BLOCK_B: two passes
     assert not counters.any(), "the quantize kernel must zero the split-K tile counters"
     meta = dict(config) if isinstance(config, dict) else {**config.kwargs, "num_warps": config.num_warps,
                                                           "num_stages": config.num_stages}
@@ -89,7 +89,7 @@ def check_split_k_counters_left_zero(device, config):
     for _ in range(2):
         y = torch.full((M, N), float("nan"), dtype=x.dtype, device=device)
         bk._gemm_kernel[grid](x_q, scales, packed, beta, y, parts, counters, M, N, KB, packed.stride(0),
-                              y.stride(0), BLOCK_M=block_m, MAY_SPLIT=True, PTX=ptx, **meta)
+                              y.stride(0), BLOCK_M=block_m, MAY_SPLIT=True, PTX=ptx, PDL=False, **meta)
         assert torch.equal(y, ref)
         assert not counters.any(), "split-K tile counters not left at zero"
 
@@ -198,7 +198,8 @@ def test_autotuned_kernels_inside_a_cuda_graph():
 def test_chained_calls_inside_a_cuda_graph(tokens, K):
     """Each call reads the previous call's output, as in a model: with PDL (sm_90+) the GEMV starts before the
     previous kernel ends, so x must be read only after its wait. K = 1000: the GEMV pads the weights (a copy each
-    call) and launches without PDL; 64 tokens: the batch path (no PDL) after and before other kernels."""
+    call) and launches without PDL; 64 tokens: the batch path, whose quantization kernel waits first thing and whose
+    GEMM waits after its first weight loads."""
     layers = [make_case((tokens,), K, K, torch.float16, "cuda", seed=s)[1:] for s in range(4)]
     x = make_case((tokens,), K, K, torch.float16, "cuda")[0]
     outs = [torch.empty_like(x) for _ in layers]

@@ -182,3 +182,16 @@ def test_output_paths_and_devices_are_checked_before_any_work(tmp_path, ckpt):
     assert a_file.read_text() == "x"
     assert "opset 99 is newer" in invoke_error("export", ckpt, "-o", tmp_path / "b", "--opset", 99)
     assert not (tmp_path / "b").exists()
+
+
+def test_ort_custom_ops_without_onnxruntime_extensions_is_a_one_line_error(tmp_path, monkeypatch):
+    import sys
+
+    from bytedeploy.errors import UserError
+    from bytedeploy.runtimes.ort import make_session
+
+    monkeypatch.delitem(sys.modules, "bytedeploy.plugins.ort_ops", raising=False)
+    monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)  # import fails as if not installed
+    with pytest.raises(UserError) as e:
+        make_session(tmp_path / "model.onnx", custom_ops=True)
+    assert "\n" not in str(e.value) and "pip install onnxruntime-extensions" in str(e.value)
