@@ -32,11 +32,11 @@ candidate timed in a CUDA graph of back-to-back calls (plugins/tuning.py):
 PDL (plugins/pdl.py): the GEMV issues its first weight loads and then waits for the previous kernel
 (wait_for_previous_kernel); its reads of x and its stores come after the wait, so the weight loads overlap the
 previous kernel's tail. When the call itself copies the weights (padding to whole words), an earlier kernel did
-write them: that launch goes without PDL. The batch path's two kernels are PDL launches too: the quantization
-kernel waits first thing (it reads x and zeroes the counters that the previous GEMM may still use), the GEMM issues
-its first weight tile's loads before its wait. Only the pair helps (H200, 4096 x 4096, CUDA graph of chained calls:
-64 tokens 12.5 us without PDL, 12.7 and 12.5 us with it on one kernel only, 10.5 us with both; 16 tokens 9.7 and
-8.8 us).
+write them: that launch goes without PDL. The batch path's two kernels are PDL launches too: the quantization kernel
+waits first thing (it reads x and zeroes the counters that the previous GEMM may still use), the GEMM issues its
+first weight tile's loads before its wait (without PDL when the call copied the weights). Only the pair helps (H200,
+4096 x 4096, CUDA graph of chained calls: 64 tokens 12.5 us without PDL, 12.7 and 12.5 us with it on one kernel
+only, 10.5 us with both; 16 tokens 9.7 and 8.8 us).
 
 Exactness. The integer parts are exact: int32 accumulation (dp4a / int8 MMA) of products of integers. The float
 parts repeat bitlinear_int's IEEE float32 operations in the same order, so y is bitwise equal to
@@ -564,10 +564,11 @@ def bitlinear_w2a8(x: torch.Tensor, packed_weight: torch.Tensor, weight_scale: t
                                 BLOCK_Z=1024, PTX=ptx, num_warps=8,
                                 **launch_options(x.device))
     w = packed_weight if packed_weight.stride(1) == 1 else packed_weight.contiguous()
+    copied = w.data_ptr() != packed_weight.data_ptr()  # written by the kernel just before: no loads before a wait
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     grid = lambda cfg: (triton.cdiv(M, block_m), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     _launch("gemm", _gemm_tuned, _gemm_kernel, grid,
             (x_q, scales, w, beta, y2, parts, counters, M, N, KB, w.stride(0), y2.stride(0)),
             {"BLOCK_M": block_m, "MAY_SPLIT": M <= SPLIT_K_MAX_TOKENS, "PTX": ptx,
-             **launch_options(x.device)})
+             **({"PDL": False} if copied else launch_options(x.device))})
     return out
