@@ -194,13 +194,17 @@ def test_autotuned_kernels_inside_a_cuda_graph():
 
 
 @gpu
-@pytest.mark.parametrize("tokens,K", [(1, 1024), (1, 1000), (64, 1024)])
-def test_chained_calls_inside_a_cuda_graph(tokens, K):
+@pytest.mark.parametrize("tokens,K,strided", [(1, 1024, False), (1, 1000, False), (64, 1024, False),
+                                              (64, 1024, True)])
+def test_chained_calls_inside_a_cuda_graph(tokens, K, strided):
     """Each call reads the previous call's output, as in a model: with PDL (sm_90+) the GEMV starts before the
     previous kernel ends, so x must be read only after its wait. K = 1000: the GEMV pads the weights (a copy each
     call) and launches without PDL; 64 tokens: the batch path, whose quantization kernel waits first thing and whose
-    GEMM waits after its first weight loads."""
+    GEMM waits after its first weight loads; strided: packed weights with stride(1) != 1, which the batch path
+    copies each call, so its GEMM launches without PDL."""
     layers = [make_case((tokens,), K, K, torch.float16, "cuda", seed=s)[1:] for s in range(4)]
+    if strided:
+        layers = [(packed.t().contiguous().t(), beta) for packed, beta in layers]
     x = make_case((tokens,), K, K, torch.float16, "cuda")[0]
     outs = [torch.empty_like(x) for _ in layers]
 
