@@ -73,6 +73,29 @@ def test_bgpt_native_greedy_equals_eager_and_reuses_its_graph():
 
 
 @cuda
+def test_bgpt_short_prompt_prefill_in_the_fused_kernels_equals_the_torch_pass():
+    """A prompt of few patches is prefilled one patch at a time in the fused kernels; the first feature and the
+    patch decoder's cache equal those of the torch forward pass (what longer prompts take)."""
+    from bytedeploy.runtimes import native_bgpt
+
+    model, cfg = bgpt_model()
+    prompt = np.random.default_rng(0).integers(0, 256, (3, cfg.patch_size))
+    results, saved = {}, native_bgpt.FUSED_PREFILL_MAX_PATCHES
+    try:
+        for limit in (0, 3):
+            native_bgpt.FUSED_PREFILL_MAX_PATCHES = limit
+            runner = native_bgpt.BgptRunner(model, 2, GREEDY)
+            with torch.no_grad():
+                runner.prefill(prompt)
+            results[limit] = [runner.decoder.feature.clone()] + [t[:, :, :3].clone() for c in runner.caches
+                                                                 for t in (c.k, c.v)]
+    finally:
+        native_bgpt.FUSED_PREFILL_MAX_PATCHES = saved
+    for fused, torch_pass in zip(results[3], results[0]):
+        torch.testing.assert_close(fused, torch_pass, atol=2e-5, rtol=1e-5)
+
+
+@cuda
 def test_bgpt_files_that_end_early_stop_like_eager():
     model, cfg = bgpt_model()
     with torch.no_grad():  # the end mark's embedding along the final LayerNorm's bias: it wins after a few bytes
