@@ -21,9 +21,12 @@ attends for it: the new key and value are stored at the cache slot for later ste
 slot are read in blocks with an online softmax, and the loop stops at the slot (a device value), so a step reads
 only the keys written so far. Keys after the query's slot are never attended: every caller decodes causally
 (key_mask = positions <= slot); key_mask, when given, is still applied within that range. One kernel fewer per
-block than a separate attention kernel, whose launch cost more than the attention itself. Right after their wait
-the programs ask L2 for the head's cached keys and values (PREFETCH_KV): written a step or a patch ago, they have
+block than a separate attention kernel, whose launch cost more than the attention itself. Before their wait the
+programs ask L2 for the head's cached keys and values (PREFETCH_KV): written a step or a patch ago, they have
 likely been evicted by the weights streamed since, and the attending program, the last one, would wait for them.
+
+Each kernel's tile (BLOCK_N rows per program, warps) is autotuned per shape, except where PINNED_CONFIGS has an
+entry for the shape, dtype and GPU kind: the autotuner's picks differ from process to process.
 
 bGPT's glue between its two decoders is two more kernels (embed_patch, patch_feature) instead of about twenty torch
 kernels that would break the chain of PDL launches.
@@ -35,6 +38,7 @@ before triton is imported) the kernels run on CPU tensors: how CI checks them.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -54,6 +58,10 @@ except ImportError:  # the CPU-only install: the torch path runs instead
 
 MAX_ROWS = 4  # ln_linear's one-program-per-row design pays off for a few rows; above it, cuBLAS
 MAX_K = 16384  # ln_linear holds whole input rows in registers: GPT-2 blocks up to n_embd 4096 (MLP 4 x n_embd)
+# Cached keys a qkv_attention program holds at once. The tile sets the whole kernel's registers: at 128 (bGPT's patch
+# decoder) it took 254 per thread, two programs per SM, and the kernel's 288 programs ran in two waves (11-13 us per
+# call on an H200, against 5-6 us for the byte decoder's 16); at 32, 120 registers. Longer caches loop.
+MAX_BLOCK_L = 32
 PREFETCH_KV = True  # qkv_attention asks L2 for the cached keys and values early (the benchmarks measure both)
 ACT_NONE, ACT_GELU_TANH, ACT_GELU_ERF = 0, 1, 2
 
@@ -112,17 +120,22 @@ if triton is not None:
         return w, g, beta, bias
 
     @triton.jit
-    def _ln_gemv(x_ptr, w, g, beta, bias, res_ptr, y_dtype, m, pid_n, N, K, stride_xm, stride_rm, eps,
+    def _load_row(x_ptr, m, stride_xm, K, BLOCK_K: tl.constexpr):
+        """Row m of x (K values), as float32 (zeros past K)."""
+        offs_k = tl.arange(0, BLOCK_K)
+        return tl.load(x_ptr + m.to(tl.int64) * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _ln_gemv(x, x_ptr, w, g, beta, bias, res_ptr, y_dtype, m, pid_n, N, K, stride_rm, eps,
                  HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """act(LN(x[m]) @ W[n-block].T + b) (+ res[m, n-block]) in float32 -> (y, offs_n, n_mask), from the
-        _gemv_operands, after the wait. BLOCK_K >= K: whole rows, no loop, so that after the wait there is one round
-        trip to memory (x and the residual, in parallel)."""
+        """act(LN(x) @ W[n-block].T + b) (+ res[m, n-block]) in float32 -> (y, offs_n, n_mask), from the
+        _gemv_operands and x, row m of x_ptr (_load_row), after the wait. BLOCK_K >= K: whole rows, no loop, so that
+        after the wait there is one round trip to memory (x and the residual, in parallel)."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         n_mask = offs_n < N
         k_mask = offs_k < K
-        x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         if HAS_RES:
             res = tl.load(res_ptr + m.to(tl.int64) * stride_rm + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if HAS_LN:
@@ -147,8 +160,9 @@ if triton is not None:
         w, g, beta, bias = _gemv_operands(ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, tl.program_id(0), N, K, stride_wn, HAS_LN,
                                           HAS_BIAS, BLOCK_K, BLOCK_N)
         wait_for_previous_kernel(PDL)
-        y, offs_n, n_mask = _ln_gemv(x_ptr, w, g, beta, bias, res_ptr, y_ptr.dtype.element_ty, m, tl.program_id(0),
-                                     N, K, stride_xm, stride_rm, eps, HAS_LN, HAS_BIAS, HAS_RES, ACT, BLOCK_K, BLOCK_N)
+        x = _load_row(x_ptr, m, stride_xm, K, BLOCK_K)
+        y, offs_n, n_mask = _ln_gemv(x, x_ptr, w, g, beta, bias, res_ptr, y_ptr.dtype.element_ty, m, tl.program_id(0),
+                                     N, K, stride_rm, eps, HAS_LN, HAS_BIAS, HAS_RES, ACT, BLOCK_K, BLOCK_N)
         tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
@@ -174,8 +188,6 @@ if triton is not None:
         v_new = tl.load(qkv_row + 2 * C + offs_d, mask=d_mask, other=0.0, cache_modifier=".cg")
         k_new = k_new.to(k_ptr.dtype.element_ty)
         v_new = v_new.to(v_ptr.dtype.element_ty)
-        tl.store(k_ptr + head + slot * stride_cl + offs_d, k_new, mask=d_mask)
-        tl.store(v_ptr + head + slot * stride_cl + offs_d, v_new, mask=d_mask)
 
         m_i = tl.full([1], -1.0e30, tl.float32)  # finite: a fully masked block gives exp(-inf) = 0, never nan
         l_i = tl.zeros([1], tl.float32)
@@ -201,6 +213,10 @@ if triton is not None:
             m_i = m_new
         y = acc / l_i
         tl.store(y_row + offs_d, y.to(y_row.dtype.element_ty), mask=d_mask)
+        # stored last: before the loop, the cache loads would wait for k_new and v_new (the stores need them and the
+        # loads may not pass them), one more round trip to L2
+        tl.store(k_ptr + head + slot * stride_cl + offs_d, k_new, mask=d_mask)
+        tl.store(v_ptr + head + slot * stride_cl + offs_d, v_new, mask=d_mask)
 
     @triton.jit
     def _qkv_attention_kernel(x_ptr, ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, qkv_ptr, k_ptr, v_ptr, slot_ptr, mask_ptr,
@@ -214,9 +230,11 @@ if triton is not None:
         program's columns lie in one head's q, k or v: 3 D / BLOCK_N programs per (row, head), counted in
         count_ptr (zero before; the last program sets it back to zero).
 
-        Right after the wait, the head's programs ask L2 for the cached keys and values before the slot (each a
-        share of the rows): written steps ago, they are usually back in DRAM, and the attending program would
-        otherwise wait for them after everything else."""
+        Before the wait, the head's programs ask L2 for the cached keys and values before the slot (each a share of
+        the rows): written steps ago, they are usually back in DRAM, and the attending program would otherwise wait
+        for them after everything else. The slot read then may be a step old (a previous kernel may still write
+        it), which only makes the hint miss a row; the slot the attention uses is read after the wait. After the
+        wait the input row is requested first: a load that depends on the slot would hold it back a round trip."""
         let_next_kernel_launch(PDL)
         pid_n = tl.program_id(0)
         m = tl.program_id(1)
@@ -225,17 +243,20 @@ if triton is not None:
         head = m.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
         w, g, beta, bias = _gemv_operands(ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, pid_n, 3 * C, K, stride_wn, True,
                                           HAS_BIAS, BLOCK_K, BLOCK_N)
+        if PREFETCH:  # before the wait, on the slot as read now: a hint, which an old slot makes no less correct
+            slot_hint = tl.load(slot_ptr)
+            share = pid_n * BLOCK_N // C * (D // BLOCK_N) + pid_n * BLOCK_N % D // BLOCK_N  # 0 .. 3 D / BLOCK_N - 1
+            rows = share + (3 * D // BLOCK_N) * tl.arange(0, BLOCK_L)
+            cols = tl.arange(0, BLOCK_D // LINE) * LINE  # one address per LINE values: 64 bytes in float32
+            kv_offs = head + rows[:, None] * stride_cl + cols[None, :]
+            cached = (rows[:, None] < slot_hint) & (cols[None, :] < D)
+            _prefetch_l2(k_ptr + kv_offs, cached, PREFETCH)
+            _prefetch_l2(v_ptr + kv_offs, cached, PREFETCH)
         wait_for_previous_kernel(PDL)
-        slot = tl.load(slot_ptr)
-        share = pid_n * BLOCK_N // C * (D // BLOCK_N) + pid_n * BLOCK_N % D // BLOCK_N  # 0 .. 3 D / BLOCK_N - 1
-        rows = share + (3 * D // BLOCK_N) * tl.arange(0, BLOCK_L)
-        cols = tl.arange(0, BLOCK_D // LINE) * LINE  # one address per LINE values: 64 bytes in float32
-        kv_offs = head + rows[:, None] * stride_cl + cols[None, :]
-        cached = (rows[:, None] < slot) & (cols[None, :] < D)
-        _prefetch_l2(k_ptr + kv_offs, cached, PREFETCH)
-        _prefetch_l2(v_ptr + kv_offs, cached, PREFETCH)
-        y, offs_n, n_mask = _ln_gemv(x_ptr, w, g, beta, bias, w_ptr, qkv_ptr.dtype.element_ty, m, pid_n, 3 * C, K,
-                                     stride_xm, 0, eps, True, HAS_BIAS, False, 0, BLOCK_K, BLOCK_N)
+        x = _load_row(x_ptr, m, stride_xm, K, BLOCK_K)
+        slot = tl.load(slot_ptr)  # used by the attending program only: nothing before it waits for the load
+        y, offs_n, n_mask = _ln_gemv(x, x_ptr, w, g, beta, bias, w_ptr, qkv_ptr.dtype.element_ty, m, pid_n, 3 * C,
+                                     K, 0, eps, True, HAS_BIAS, False, 0, BLOCK_K, BLOCK_N)
         tl.store(qkv_row + offs_n, y.to(qkv_ptr.dtype.element_ty), mask=n_mask)
         counter = count_ptr + m * (C // D) + h
         tl.debug_barrier()  # every thread's stores are issued before the counter's release
@@ -253,6 +274,14 @@ if triton is not None:
         byte while i < n_forced and by SPECIAL once the row has emitted it; stored at patch[b, i]; the next step's
         input byte_wte[byte] + wpe[i + 1] into x[b] (unless LAST). The logits are read from L2 (.cg): other
         programs of the same kernel may have written them."""
+        # everything that does not depend on the token is requested first, in one round trip with the logits
+        forced = tl.load(forced_ptr + b.to(tl.int64) * stride_fm + i)
+        is_forced = tl.load(n_forced_ptr) > i
+        seen = tl.load(seen_ptr + b) != 0
+        offs_c = tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        if not LAST:
+            pos = tl.load(wpe_ptr + (i + 1) * C + offs_c, mask=c_mask, other=0.0)
         if GREEDY:
             offs_v = tl.arange(0, BLOCK_V)
             logits = tl.load(logits_ptr + b.to(tl.int64) * stride_lm + offs_v, mask=offs_v < V,
@@ -260,17 +289,12 @@ if triton is not None:
             token = tl.argmax(logits, axis=0, tie_break_left=True).to(tl.int64)  # torch.argmax: first maximum
         else:
             token = tl.load(token_ptr + b)
-        forced = tl.load(forced_ptr + b.to(tl.int64) * stride_fm + i)
-        token = tl.where(tl.load(n_forced_ptr) > i, forced, token)
-        seen = tl.load(seen_ptr + b) != 0
+        token = tl.where(is_forced, forced, token)
         token = tl.where(seen, SPECIAL, token)
         tl.store(seen_ptr + b, (seen | (token == SPECIAL)).to(seen_ptr.dtype.element_ty))
         tl.store(patch_ptr + b.to(tl.int64) * stride_pm + i, token)
         if not LAST:
-            offs_c = tl.arange(0, BLOCK_C)
-            c_mask = offs_c < C
             e = tl.load(wte_ptr + token * C + offs_c, mask=c_mask, other=0.0)
-            pos = tl.load(wpe_ptr + (i + 1) * C + offs_c, mask=c_mask, other=0.0)
             tl.store(x_ptr + b.to(tl.int64) * stride_xm + offs_c, e + pos, mask=c_mask)
 
     @triton.jit
@@ -298,9 +322,9 @@ if triton is not None:
         w, g, beta, bias = _gemv_operands(ln_w_ptr, ln_b_ptr, w_ptr, w_ptr, tl.program_id(0), V, C, stride_wn, True,
                                           False, BLOCK_K, BLOCK_N)
         wait_for_previous_kernel(PDL)
-        y, offs_n, n_mask = _ln_gemv(h_ptr, w, g, beta, bias, w_ptr, logits_ptr.dtype.element_ty, b,
-                                     tl.program_id(0), V, C, stride_hm, 0, eps, True, False, False, 0, BLOCK_K,
-                                     BLOCK_N)
+        h = _load_row(h_ptr, b, stride_hm, C, BLOCK_K)
+        y, offs_n, n_mask = _ln_gemv(h, h_ptr, w, g, beta, bias, w_ptr, logits_ptr.dtype.element_ty, b,
+                                     tl.program_id(0), V, C, 0, eps, True, False, False, 0, BLOCK_K, BLOCK_N)
         tl.store(logits_ptr + b.to(tl.int64) * stride_lm + offs_n, y.to(logits_ptr.dtype.element_ty), mask=n_mask)
         tl.debug_barrier()  # every thread's stores are issued before the counter's release
         if tl.atomic_add(count_ptr + b, 1, sem="acq_rel") == tl.num_programs(0) - 1:
@@ -405,6 +429,50 @@ if triton is not None:
     _qkv_attention_tuned = autotune(_LN_LINEAR_CONFIGS, ["C", "K", "D", "BLOCK_L"], _prune_qkv_attention_configs,
                                     graph=False)(_qkv_attention_kernel)
 
+# Configs pinned per (kernel, autotune key, dtype) on GPUs of one kind, (compute capability, SM count) -> (BLOCK_N,
+# num_warps); other shapes, dtypes and GPUs autotune. The autotuner's picks differ from process to process and so
+# did a bGPT-base patch: 0.90 to 1.06 ms in float32 on an H200. These are bGPT base's (768-wide), float32, from a
+# coordinate descent over each kernel's configs timed as whole-patch graph replays on an H200 (0.872 ms per patch,
+# after the autotuner's 0.985 in the same process): a kernel's time there depends on its neighbours, how much of
+# the next kernel fits beside it, which Triton's one-kernel-at-a-time timing does not see.
+PINNED_CONFIGS = {
+    (9, 0, 132): {
+        ("ln_linear", (768, 768, False, True, ACT_NONE), torch.float32): (1, 4),  # attention's c_proj
+        ("ln_linear", (3072, 768, True, False, ACT_GELU_TANH), torch.float32): (4, 4),  # MLP c_fc
+        ("ln_linear", (768, 3072, False, True, ACT_NONE), torch.float32): (4, 8),  # MLP c_proj
+        ("qkv_attention", (768, 768, 64, 16), torch.float32): (8, 4),  # byte decoder (16 positions)
+        ("qkv_attention", (768, 768, 64, 32), torch.float32): (4, 4),  # patch decoder (BLOCK_L capped at 32)
+        ("head_select", (257, 768, False), torch.float32): (2, 8),
+        ("head_select", (257, 768, True), torch.float32): (4, 8),
+    },
+}
+
+
+@functools.cache
+def _gpu_kind(index: int) -> tuple:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor, props.multi_processor_count)
+
+
+def pinned_config(kernel: str, key: tuple, dtype: torch.dtype, device: torch.device) -> tuple[int, int] | None:
+    """(BLOCK_N, num_warps) pinned for this kernel, autotune key and dtype on this GPU, or None: autotune."""
+    if device.type != "cuda" or interpreting():
+        return None
+    kind = _gpu_kind(device.index if device.index is not None else torch.cuda.current_device())
+    return PINNED_CONFIGS.get(kind, {}).get((kernel, key, dtype))
+
+
+def _launch_tuned(tuned, kernel: str, key: tuple, grid, args: tuple, flags: dict, dtype, device) -> None:
+    """tuned (an autotuned kernel) with its pinned config where there is one, else autotuned; grid: BLOCK_N ->
+    the launch grid."""
+    pinned = pinned_config(kernel, key, dtype, device)
+    if pinned is None:
+        tuned[lambda cfg: grid(cfg["BLOCK_N"])](*args, **flags)
+    else:
+        block_n, num_warps = pinned
+        tuned.fn[grid(block_n)](*args, **flags, BLOCK_N=block_n, num_warps=num_warps)
+
+
 # Small blocks for the CPU interpreter: several blocks and partial tiles even at test sizes.
 _INTERPRET_LN_LINEAR = {"BLOCK_N": 8}
 _INTERPRET_BLOCK_L = 4
@@ -435,7 +503,9 @@ def ln_linear(x: torch.Tensor, ln, linear, act=None, residual: torch.Tensor | No
         meta = _INTERPRET_LN_LINEAR
         _ln_linear_kernel[(triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags, **meta)
     else:
-        _ln_linear_tuned[lambda cfg: (triton.cdiv(N, cfg["BLOCK_N"]), M)](*args, **flags)
+        key = (N, K, flags["HAS_LN"], flags["HAS_RES"], flags["ACT"])
+        _launch_tuned(_ln_linear_tuned, "ln_linear", key, lambda block_n: (triton.cdiv(N, block_n), M), args, flags,
+                      x.dtype, x.device)
     return y
 
 
@@ -460,7 +530,7 @@ def qkv_attention(x: torch.Tensor, ln, c_attn, cache, slot: torch.Tensor, key_ma
     args = (x, ln.weight, ln.bias, weight, bias if bias is not None else weight, qkv, k_cache, v_cache, slot, mask, y,
             counts, C, C, x.stride(0), weight.stride(0), qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), y.stride(0), ln.eps, 1.0 / math.sqrt(D))
-    block_l = _INTERPRET_BLOCK_L if interpreting() else min(triton.next_power_of_2(k_cache.size(2)), 128)
+    block_l = _INTERPRET_BLOCK_L if interpreting() else min(triton.next_power_of_2(k_cache.size(2)), MAX_BLOCK_L)
     block_d = triton.next_power_of_2(D)
     flags = dict(HAS_BIAS=bias is not None, HAS_MASK=key_mask is not None,
                  PREFETCH=PREFETCH_KV and not interpreting(), D=D, BLOCK_D=block_d, LINE=min(16, block_d),
@@ -469,7 +539,8 @@ def qkv_attention(x: torch.Tensor, ln, c_attn, cache, slot: torch.Tensor, key_ma
         block_n = min(_INTERPRET_LN_LINEAR["BLOCK_N"], D & -D)  # the largest power of two dividing D, at most 8
         _qkv_attention_kernel[(3 * C // block_n, B)](*args, **flags, BLOCK_N=block_n)
     else:
-        _qkv_attention_tuned[lambda cfg: (3 * C // cfg["BLOCK_N"], B)](*args, **flags)
+        _launch_tuned(_qkv_attention_tuned, "qkv_attention", (C, C, D, block_l), lambda block_n: (3 * C // block_n, B),
+                      args, flags, x.dtype, x.device)
     return y
 
 
@@ -525,7 +596,8 @@ def head_select_byte(h: torch.Tensor, ln, lm_head, counts: torch.Tensor, forced:
         meta = _INTERPRET_LN_LINEAR
         _head_select_kernel[(triton.cdiv(V, meta["BLOCK_N"]), B)](*args, **flags, **meta)
     else:
-        _head_select_tuned[lambda cfg: (triton.cdiv(V, cfg["BLOCK_N"]), B)](*args, **flags)
+        _launch_tuned(_head_select_tuned, "head_select", (V, C, last), lambda block_n: (triton.cdiv(V, block_n), B),
+                      args, flags, h.dtype, h.device)
 
 
 def embed_patch(patch: torch.Tensor, done: torch.Tensor, out: torch.Tensor, all_done: torch.Tensor,

@@ -194,6 +194,38 @@ def test_more_rows_than_the_kernels_take_keep_the_torch_path():
     assert not native.fused_blocks(torch.zeros(1, 2, 8, device="cuda"))  # prefill: T > 1
 
 
+@cuda
+def test_pinned_configs_equal_torch_path_on_gpu():
+    """bGPT base's shapes (768 wide, 12 heads) in float32, where this GPU has pinned configs: a byte-decoder-long
+    cache (16 positions) and a longer one, and the byte head."""
+    if decode_kernels.pinned_config("ln_linear", (768, 768, False, True, 0), torch.float32,
+                                    torch.device("cuda")) is None:
+        pytest.skip("no configs pinned for this GPU")
+    for steps in (13, 20):  # caches of 16 and 23 positions: BLOCK_L 16 and 32
+        check_fused_equals_torch("cuda", torch.float32, n_embd=768, n_head=12, n_layer=1, steps=steps,
+                                 batch_sizes=(1,), atol=5e-5)
+    check_patch_decode_fused_equals_torch("cuda", n_embd=768, n_head=12, n_layer=1, patch_size=8)
+
+
+def test_pinned_configs_are_tiles_the_kernels_take():
+    """Every pinned config is one of the autotuner's candidates that its prune keeps: the weight tile within ~64
+    registers per thread, BLOCK_N dividing the head size, the attention tile within MAX_BLOCK_L."""
+    def pow2(n):
+        return 1 << (n - 1).bit_length()
+
+    assert decode_kernels.pinned_config("ln_linear", (768, 768, False, True, 0), torch.float32,
+                                        torch.device("cpu")) is None
+    for table in decode_kernels.PINNED_CONFIGS.values():
+        for (kernel, key, dtype), (block_n, num_warps) in table.items():
+            assert block_n in (1, 2, 4, 8, 16) and num_warps in (4, 8), (kernel, key)
+            assert kernel in ("ln_linear", "qkv_attention", "head_select") and dtype.is_floating_point
+            K = key[1]  # the input width in each kernel's key: (N, K, ..), (C, K, D, BLOCK_L), (V, C, LAST)
+            assert block_n * pow2(K) <= 64 * 32 * num_warps, (kernel, key)
+            if kernel == "qkv_attention":
+                C, _, D, block_l = key
+                assert D % block_n == 0 and C % D == 0 and block_l <= decode_kernels.MAX_BLOCK_L, key
+
+
 def test_without_triton_or_gpu_the_torch_path_runs():
     if not decode_kernels.interpreting() and not torch.cuda.is_available():
         assert not native.fused_blocks(torch.zeros(1, 1, 8))
