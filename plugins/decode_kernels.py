@@ -213,8 +213,9 @@ if triton is not None:
             m_i = m_new
         y = acc / l_i
         tl.store(y_row + offs_d, y.to(y_row.dtype.element_ty), mask=d_mask)
-        # stored last: before the loop, the cache loads would wait for k_new and v_new (the stores need them and the
-        # loads may not pass them), one more round trip to L2
+        # stored last, so that the stores (which need k_new and v_new, and which the loads may not pass) do not hold
+        # the cache loads back; q's scaling before the loop still does. Scaling the scores instead made a bGPT patch
+        # 2% faster on an H200 (0.870 vs 0.888 ms), but then the kernels with and without key_mask rounded apart
         tl.store(k_ptr + head + slot * stride_cl + offs_d, k_new, mask=d_mask)
         tl.store(v_ptr + head + slot * stride_cl + offs_d, v_new, mask=d_mask)
 
