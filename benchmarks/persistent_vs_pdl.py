@@ -7,15 +7,20 @@
 one persistent kernel (an atomic counter, polled with acquire loads or with volatile loads); then 768 x 768 float32
 GEMVs on distinct weights (the size of attention's c_proj), as a chain of decode_kernels.ln_linear calls vs phases
 of one persistent kernel that loads the next phase's weights before its barrier. Every spin is bounded (fail_*
-records whether one ran out). This is the session's script as it ran, with its output path as --out.
+records whether one ran out). This is the session's script reformatted (the same kernels and measurements), with
+its output path as --out; the module itself has not yet run on a GPU.
 """
 import argparse
 import statistics
 import types
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    raise SystemExit("persistent_vs_pdl needs Triton and a CUDA GPU") from None
 
 from bytedeploy.bench import machine_name, write_json
 from bytedeploy.plugins import decode_kernels as dk
