@@ -4,11 +4,11 @@
 
 batch 1, random init (speed does not depend on the weights), --dtype (float32). With the pinned configs off
 (decode_kernels.PINNED_CONFIGS), the autotuner picks a config per kernel key as usual; then a coordinate descent,
-key by key, tries every candidate config of that key with the others held, each timed as the median GPU time of 20
-replays of the native runner's patch graph (a fresh runner per candidate, so that the graph holds it), and keeps the
-fastest. Prints the result as entries for decode_kernels.PINNED_CONFIGS and writes them with every timing to one
-JSON. This is what set the H200's entries (the session's script; this module is that script with its output
-written to JSON).
+key by key, tries every config of that key that the autotuner's prune keeps, with the others held, each timed as the
+median GPU time of 20 replays of the native runner's patch graph (a fresh runner per candidate, so that the graph
+holds it), and keeps the fastest. Prints the result as entries for decode_kernels.PINNED_CONFIGS and writes them
+with every timing to one JSON. This set the H200's entries: float32 from the session script the module was made
+from, bfloat16 from the module itself (--dtype bfloat16, bgpt-config-sweep-bf16-h200.json).
 """
 
 from __future__ import annotations
@@ -46,6 +46,18 @@ def replay_ms(model, prompt, tail, replays: int) -> float:
     return statistics.median(times)
 
 
+def kept_configs(tuner, key: tuple) -> list:
+    """The configs the autotuner's prune keeps for this key: the weight tile within ~64 registers per thread, and
+    for qkv_attention BLOCK_N dividing the head size (the same rules, on the key's shape)."""
+    shape = dict(zip(tuner.keys, key))
+    K = shape.get("K", shape.get("C"))  # the input width: ln_linear and qkv_attention's K, head_select's C
+    block_k = 1 << (K - 1).bit_length()
+    kept = [c for c in tuner.configs if c.kwargs["BLOCK_N"] * block_k <= 64 * 32 * c.num_warps]
+    if "D" in shape:
+        kept = [c for c in kept if shape["D"] % c.kwargs["BLOCK_N"] == 0]
+    return kept
+
+
 def config_name(config) -> str:
     return f"{config.kwargs['BLOCK_N']}/{config.num_warps}"
 
@@ -72,7 +84,7 @@ def main() -> None:
         for key in list(tuner.cache):
             picked = tuner.cache[key]
             times = {}
-            for config in tuner.configs:
+            for config in kept_configs(tuner, key):
                 tuner.cache[key] = config
                 try:
                     times[config_name(config)] = replay_ms(model, prompt, tail, 20)

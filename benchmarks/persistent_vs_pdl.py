@@ -7,8 +7,7 @@
 one persistent kernel (an atomic counter, polled with acquire loads or with volatile loads); then 768 x 768 float32
 GEMVs on distinct weights (the size of attention's c_proj), as a chain of decode_kernels.ln_linear calls vs phases
 of one persistent kernel that loads the next phase's weights before its barrier. Every spin is bounded (fail_*
-records whether one ran out). This is the session's script reformatted (the same kernels and measurements), with
-its output path as --out; the module itself has not yet run on a GPU.
+records whether one ran out).
 """
 import argparse
 import statistics

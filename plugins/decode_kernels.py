@@ -432,10 +432,11 @@ if triton is not None:
 
 # Configs pinned per (kernel, autotune key, dtype) on GPUs of one kind, (compute capability, SM count) -> (BLOCK_N,
 # num_warps); other shapes, dtypes and GPUs autotune. The autotuner's picks differ from process to process and so
-# did a bGPT-base patch: 0.90 to 1.06 ms in float32 on an H200. These are bGPT base's (768-wide), float32, from a
-# coordinate descent over each kernel's configs timed as whole-patch graph replays on an H200 (0.872 ms per patch,
-# after the autotuner's 0.985 in the same process): a kernel's time there depends on its neighbours, how much of
-# the next kernel fits beside it, which Triton's one-kernel-at-a-time timing does not see.
+# did a bGPT-base patch: 0.90 to 1.06 ms in float32 on an H200. These are bGPT base's (768-wide), float32 and
+# bfloat16, from a coordinate descent over each kernel's configs timed as whole-patch graph replays on an H200
+# (benchmarks/bgpt_config_sweep.py; float32 0.872 ms per patch after the autotuner's 0.985 in the same process,
+# bfloat16 0.790 after 0.805): a kernel's time there depends on its neighbours, how much of the next kernel fits
+# beside it, which Triton's one-kernel-at-a-time timing does not see.
 PINNED_CONFIGS = {
     (9, 0, 132): {
         ("ln_linear", (768, 768, False, True, ACT_NONE), torch.float32): (1, 4),  # attention's c_proj
@@ -445,6 +446,14 @@ PINNED_CONFIGS = {
         ("qkv_attention", (768, 768, 64, 32), torch.float32): (4, 4),  # patch decoder (BLOCK_L capped at 32)
         ("head_select", (257, 768, False), torch.float32): (2, 8),
         ("head_select", (257, 768, True), torch.float32): (4, 8),
+        ("ln_linear", (768, 768, False, True, ACT_NONE), torch.bfloat16): (1, 4),
+        ("ln_linear", (3072, 768, True, False, ACT_GELU_TANH), torch.bfloat16): (4, 4),
+        ("ln_linear", (768, 3072, False, True, ACT_NONE), torch.bfloat16): (2, 4),
+        ("qkv_attention", (768, 768, 64, 16), torch.bfloat16): (8, 4),
+        ("qkv_attention", (768, 768, 64, 32), torch.bfloat16): (8, 8),  # the sweep's 16/4 (0.780 ms, noise-close)
+        # is a tile the autotuner's prune rejects
+        ("head_select", (257, 768, False), torch.bfloat16): (1, 4),
+        ("head_select", (257, 768, True), torch.bfloat16): (1, 8),
     },
 }
 

@@ -54,6 +54,10 @@ class BgptRunner:
         if self.decoder.fused:  # the patch decoder's slot (min(pos, N - 1)) and input, written by embed_patch
             self.slot = torch.zeros(1, dtype=torch.long, device=device)
             self.patch_x = torch.zeros(batch_size, cfg.n_embd, dtype=self.decoder.feature.dtype, device=device)
+        # a run's host inputs, copied in one go: the prompt's patches (up to N), the forced tail bytes (up to P), k
+        self.inputs_host = torch.zeros(N * P + P + 1, dtype=torch.long).pin_memory()
+        self.inputs = torch.zeros(N * P + P + 1, dtype=torch.long, device=device)
+        self.inputs_copied = torch.cuda.Event()
         self.done_host = torch.zeros(N, dtype=torch.bool).pin_memory()  # all_done after each patch, read late
         self.done_events = [torch.cuda.Event() for _ in range(N)]
         self.patch_step = self._patch_step
@@ -67,18 +71,33 @@ class BgptRunner:
         embeds = self.model.embed_patches(patch[:, None])
         return gpt2_step(self.model.patch_decoder, embeds, self.caches, slot, step_mask(self.positions, slot))[:, -1]
 
-    def prefill(self, prompt) -> None:
-        """The prompt's patches (T, P) through the patch decoder: its cache and the first patch's feature. One CUDA
-        graph per prompt length, captured at its first use: eager, these few hundred small kernels cost the host
-        several milliseconds, more than a dozen patches of generation."""
-        B, T = self.done.size(0), len(prompt)
-        patches = torch.as_tensor(prompt, dtype=torch.long)[None].repeat(B, 1, 1)
+    def prefill(self, prompt, tail=()) -> None:
+        """A run's start on the GPU: the state reset (out, done, index, pos = len(prompt)), the forced tail bytes
+        set, and the prompt's patches (T, P) through the patch decoder: its cache and the first patch's feature.
+        One CUDA graph per prompt length, captured at its first use, reading the prompt and tail from one copy of
+        the host's inputs: eager, these few hundred small kernels cost the host several milliseconds, more than a
+        dozen patches of generation, and the reset's launches would keep the GPU waiting for the host too."""
+        B, T, k = self.done.size(0), len(prompt), len(tail)
+        N, P = self.N, self.out.size(2)
+        self.inputs_copied.synchronize()  # the previous run's copy has read the pinned buffer
+        self.inputs_host[:T * P] = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+        self.inputs_host[N * P:N * P + k] = torch.as_tensor(tail, dtype=torch.long)
+        self.inputs_host[-1] = k
+        self.inputs.copy_(self.inputs_host, non_blocking=True)
+        self.inputs_copied.record()
         if T not in self.prefill_graphs:
             if len(self.prefill_graphs) == MAX_PREFILL_GRAPHS:  # each holds its own memory pool
                 del self.prefill_graphs[next(iter(self.prefill_graphs))]
-            buffer = patches.to(self.done.device)  # real patches already: capture's warm-up run executes
+            buffer = torch.empty(B, T, P, dtype=torch.long, device=self.done.device)
 
-            def encode() -> None:
+            def start() -> None:
+                self.out.fill_(SPECIAL)
+                self.done.zero_()
+                self.index.zero_()
+                self.pos.fill_(T)
+                self.decoder.forced.copy_(self.inputs[N * P:N * P + P].expand(B, P))
+                self.decoder.n_forced.copy_(self.inputs[-1])
+                buffer.copy_(self.inputs[:T * P].view(1, T, P).expand(B, T, P))
                 if self.decoder.fused and T <= FUSED_PREFILL_MAX_PATCHES:
                     self.decoder.feature.copy_(self.encode_fused(buffer))
                 else:
@@ -86,10 +105,8 @@ class BgptRunner:
                 if self.decoder.fused:  # the patches' graph expects it done (patch_feature does it after a step)
                     self.decoder.prepare()
 
-            self.prefill_graphs[T] = (buffer, capture(encode))
-        buffer, graph = self.prefill_graphs[T]
-        buffer.copy_(patches)
-        graph.replay()
+            self.prefill_graphs[T] = capture(start)  # its warm-up run executes: real inputs already
+        self.prefill_graphs[T].replay()
 
     def encode_fused(self, patches: torch.Tensor) -> torch.Tensor:
         """A short prompt's patches (B, T, P) through the patch decoder one at a time, in the fused kernels (as the
@@ -138,17 +155,9 @@ class BgptRunner:
 
     def run(self, prompt, tail, max_patches: int, seed: int) -> tuple[torch.Tensor, int]:
         """-> (generated patches (B, n, P) with the forced tail bytes still in front, n)."""
-        device = self.done.device
         self.generator.manual_seed(seed)
-        self.out.fill_(SPECIAL)
-        self.done.zero_()
-        self.index.zero_()
-        self.pos.fill_(len(prompt))
         k = len(tail)
-        if k:
-            self.decoder.forced[:, :k] = torch.tensor(tail, dtype=torch.long, device=device)
-        self.decoder.n_forced.fill_(k)
-        self.prefill(prompt)
+        self.prefill(prompt, tail)
         n = 0
         for j in range(max_patches):
             self.graph.replay()

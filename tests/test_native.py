@@ -232,7 +232,16 @@ def test_runner_cache_follows_the_weights_and_dies_with_the_model():
     second = runner(model)
     assert second is not first
     model.half()  # new storage and dtype, same version counters
-    assert runner(model) is not second
+    third = runner(model)
+    assert third is not second
+    model.inner = torch.nn.Sequential(torch.nn.Linear(4, 4, dtype=torch.half))
+    fourth = runner(model)
+    assert fourth is not third  # a submodule added
+    assert runner(model) is fourth
+    model.inner[0] = torch.nn.Linear(4, 4, dtype=torch.half)
+    assert runner(model) is not fourth  # a nested submodule replaced
+    states = native.weight_states(model, [])
+    assert [s[1] for s in states] == [p.data_ptr() for p in model.parameters()]
     assert not copy.deepcopy(model).__dict__[native.RUNNERS_ATTRIBUTE]  # copies start without captured graphs
     alive = weakref.ref(model)
     del model
