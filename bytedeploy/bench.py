@@ -14,6 +14,10 @@ then `repeats` timed calls; the row keeps the median. A row reports
                         its largest measured batch (speedup_basis says which)
   matches_eager_reference / matches_eager   the outputs are identical (greedy decoding, the default)
 
+The run also records host_op_us: the host's time to issue one small torch op on the device (the median of three
+batches of 2,000 in-place adds, before the rows and after them). The eager loops are bound by it, so it tells a
+slow host from a fast one when speed-ups over eager-reference are compared across runs.
+
 Backends: eager-reference, eager, burst (sigma-GPT), native (runtimes/native.py), native+compile (bGPT: native with
 torch.compile inside the graphs), and on an exported bundle (--bundle) ort, ort-cuda, trt. A row that cannot run
 here is kept with status "skipped" and the reason; nothing crashes the run.
@@ -79,6 +83,23 @@ def machine_name() -> str:
     return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
+def host_op_us(device: torch.device, ops: int = 2000) -> float:
+    """Microseconds per small in-place op issued from this host on device (median of three batches of ops): what
+    bounds the eager loops, which issue hundreds of such ops per token."""
+    x = torch.zeros(1, device=device)
+    times = []
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(ops):
+            x.add_(1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) / ops * 1e6)
+    return sorted(times)[1]
+
+
 def run_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
     """-> the result dict (rows, bandwidth, machine); writes nothing."""
     from bytedeploy.checkpoint import load_model
@@ -96,7 +117,7 @@ def run_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()), "model_config": dataclasses.asdict(cfg),
         "max_new": bc.max_new, "prompt": bc.prompt.decode("utf-8", errors="replace"), "repeats": bc.repeats,
         "sampling": dataclasses.asdict(bc.sampling), "options": {k: v for k, v in bc.options.items()},
-        "bandwidth_bytes_per_s": BANDWIDTH_BYTES_PER_S, "rows": [],
+        "bandwidth_bytes_per_s": BANDWIDTH_BYTES_PER_S, "host_op_us": [host_op_us(device)], "rows": [],
     }
     bundle, bundle_error = None, "no --bundle given (ort / ort-cuda / trt run an exported bundle)"
     if bc.bundle:
@@ -118,6 +139,7 @@ def run_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
                                    bc.repeats, device))
             result["rows"].append(row)
             echo(format_row(row))
+    result["host_op_us"].append(host_op_us(device))
     add_derived(result, model, cfg, bc)
     return result
 
@@ -250,7 +272,9 @@ def format_row(row: dict) -> str:
 
 
 def summary_lines(result: dict) -> list[str]:
-    lines = [f"{result['family']} on {result['machine']} ({result['dtype']}):"]
+    host = ", ".join(f"{us:.1f}" for us in result.get("host_op_us", []))
+    host = f"; the host {host} us per small op" if host else ""
+    lines = [f"{result['family']} on {result['machine']} ({result['dtype']}{host}):"]
     for row in result["rows"]:
         if row["status"] != "ok":
             continue

@@ -34,6 +34,7 @@ def test_bench_cpu_writes_json_rows_and_plot(tiny_bgpt, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["family"] == "bgpt" and data["machine"] and data["device"] == "cpu"
+    assert len(data["host_op_us"]) == 2 and all(0 < us < 1e4 for us in data["host_op_us"])  # before and after
     rows = {(r["backend"], r["batch_size"]): r for r in data["rows"]}
     assert len(rows) == 8
     for key in (("eager-reference", 1), ("eager", 1), ("eager", 2)):
