@@ -15,8 +15,9 @@ then `repeats` timed calls; the row keeps the median. A row reports
   matches_eager_reference / matches_eager   the outputs are identical (greedy decoding, the default)
 
 The run also records host_op_us: the host's time to issue one small torch op on the device (the median of three
-batches of 2,000 in-place adds, before the rows and after them). The eager loops are bound by it, so it tells a
-slow host from a fast one when speed-ups over eager-reference are compared across runs.
+batches of 2,000 in-place adds, before the rows and after them). The eager loops issue hundreds of such ops per
+token and are bound by the host, so it is there to tell a slow host from a fast one when speed-ups over
+eager-reference are compared across runs.
 
 Backends: eager-reference, eager, burst (sigma-GPT), native (runtimes/native.py), native+compile (bGPT: native with
 torch.compile inside the graphs), and on an exported bundle (--bundle) ort, ort-cuda, trt. A row that cannot run
