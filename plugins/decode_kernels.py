@@ -31,6 +31,13 @@ entry for the shape, dtype and GPU kind: the autotuner's picks differ from proce
 bGPT's glue between its two decoders is two more kernels (embed_patch, patch_feature) instead of about twenty torch
 kernels that would break the chain of PDL launches.
 
+In bGPT's byte decoder a step's input is byte_wte[byte] + wpe[position]: it depends only on the byte before it and
+the position, so the first block's LayerNorm + QKV projection of every step after the first is a lookup in a table
+computed once (first_block_qkv: 15 x 257 x 2304 values for bGPT base). The kernel that selects a byte copies the
+next step's row of it (NextStep), and that step's first block starts with attention(), a kernel of one program
+per head and row that reads no weights, instead of qkv_attention, which streams the projection's weights and
+hands each head to its last program.
+
 Numerics: float32 accumulation in every dtype; LayerNorm's mean and variance in float32 (two passes, as exact as
 torch's); results equal the torch path to float32 rounding (tested against it). With TRITON_INTERPRET=1 (set
 before triton is imported) the kernels run on CPU tensors: how CI checks them.
@@ -38,6 +45,7 @@ before triton is imported) the kernels run on CPU tensors: how CI checks them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -267,14 +275,38 @@ if triton is not None:
                     y_ptr + m.to(tl.int64) * stride_ym + h * D, C, stride_cl, scale, HAS_MASK, D, BLOCK_D, BLOCK_L)
 
     @triton.jit
+    def _attention_kernel(qkv_ptr, k_ptr, v_ptr, slot_ptr, y_ptr, C, stride_qm, stride_cb, stride_ch, stride_cl,
+                          stride_ym, scale, PREFETCH: tl.constexpr, PDL: tl.constexpr, D: tl.constexpr,
+                          BLOCK_D: tl.constexpr, LINE: tl.constexpr, BLOCK_L: tl.constexpr):
+        """The attention alone, grid (heads, rows): _attend for head program_id(0) of row program_id(1), its q, k
+        and v read from qkv (written by the previous kernel), causal up to the slot. Before the wait the program
+        asks L2 for the head's cached keys and values, as qkv_attention's do."""
+        let_next_kernel_launch(PDL)
+        h = tl.program_id(0)
+        m = tl.program_id(1)
+        head = m.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+        if PREFETCH:  # a hint on the slot as read now (see qkv_attention)
+            rows = tl.arange(0, BLOCK_L)
+            cols = tl.arange(0, BLOCK_D // LINE) * LINE
+            cached = (rows[:, None] < tl.load(slot_ptr)) & (cols[None, :] < D)
+            kv_offs = head + rows[:, None] * stride_cl + cols[None, :]
+            _prefetch_l2(k_ptr + kv_offs, cached, PREFETCH)
+            _prefetch_l2(v_ptr + kv_offs, cached, PREFETCH)
+        wait_for_previous_kernel(PDL)
+        slot = tl.load(slot_ptr)
+        _attend(qkv_ptr + m.to(tl.int64) * stride_qm + h * D, k_ptr, v_ptr, head, slot, slot_ptr,
+                y_ptr + m.to(tl.int64) * stride_ym + h * D, C, stride_cl, scale, False, D, BLOCK_D, BLOCK_L)
+
+    @triton.jit
     def _select_byte(b, logits_ptr, token_ptr, forced_ptr, n_forced_ptr, seen_ptr, patch_ptr, wte_ptr, wpe_ptr,
-                     x_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm,
+                     x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm, stride_qm,
                      GREEDY: tl.constexpr, LAST: tl.constexpr, SPECIAL: tl.constexpr,
-                     BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+                     BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_3C: tl.constexpr):
         """Row b of bGPT's byte step i: the byte (argmax of the logits, or the drawn token), replaced by the forced
-        byte while i < n_forced and by SPECIAL once the row has emitted it; stored at patch[b, i]; the next step's
-        input byte_wte[byte] + wpe[i + 1] into x[b] (unless LAST). The logits are read from L2 (.cg): other
-        programs of the same kernel may have written them."""
+        byte while i < n_forced and by SPECIAL once the row has emitted it; stored at patch[b, i]; unless LAST, the
+        next step's input byte_wte[byte] + wpe[i + 1] into x[b] and its first block's q, k, v, row byte of
+        table_ptr (V, 3 C), into qkv[b] (NextStep). The logits are read from L2 (.cg): other programs of the same
+        kernel may have written them."""
         # everything that does not depend on the token is requested first, in one round trip with the logits
         forced = tl.load(forced_ptr + b.to(tl.int64) * stride_fm + i)
         is_forced = tl.load(n_forced_ptr) > i
@@ -296,26 +328,30 @@ if triton is not None:
         tl.store(patch_ptr + b.to(tl.int64) * stride_pm + i, token)
         if not LAST:
             e = tl.load(wte_ptr + token * C + offs_c, mask=c_mask, other=0.0)
+            offs_3c = tl.arange(0, BLOCK_3C)
+            qkv = tl.load(table_ptr + token * (3 * C) + offs_3c, mask=offs_3c < 3 * C, other=0.0)
             tl.store(x_ptr + b.to(tl.int64) * stride_xm + offs_c, e + pos, mask=c_mask)
+            tl.store(qkv_ptr + b.to(tl.int64) * stride_qm + offs_3c, qkv, mask=offs_3c < 3 * C)
 
     @triton.jit
     def _select_byte_kernel(logits_ptr, token_ptr, forced_ptr, n_forced_ptr, seen_ptr, patch_ptr, wte_ptr, wpe_ptr,
-                            x_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm,
-                            LAST: tl.constexpr, SPECIAL: tl.constexpr,
-                            BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+                            x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm, stride_qm,
+                            LAST: tl.constexpr, SPECIAL: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_3C: tl.constexpr, PDL: tl.constexpr):
         """_select_byte of the drawn tokens for row program_id(0)."""
         let_next_kernel_launch(PDL)
         wait_for_previous_kernel(PDL)
         _select_byte(tl.program_id(0), logits_ptr, token_ptr, forced_ptr, n_forced_ptr, seen_ptr, patch_ptr, wte_ptr,
-                     wpe_ptr, x_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm, False, LAST, SPECIAL,
-                     BLOCK_V, BLOCK_C)
+                     wpe_ptr, x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm,
+                     stride_qm, False, LAST, SPECIAL, BLOCK_V, BLOCK_C, BLOCK_3C)
 
     @triton.jit
     def _head_select_kernel(h_ptr, ln_w_ptr, ln_b_ptr, w_ptr, logits_ptr, count_ptr, forced_ptr, n_forced_ptr,
-                            seen_ptr, patch_ptr, wte_ptr, wpe_ptr, x_ptr, V, C, i, stride_hm, stride_wn, stride_lm,
-                            stride_fm, stride_pm, stride_xm, eps,
+                            seen_ptr, patch_ptr, wte_ptr, wpe_ptr, x_ptr, table_ptr, qkv_ptr, V, C, i, stride_hm,
+                            stride_wn, stride_lm, stride_fm, stride_pm, stride_xm, stride_qm, eps,
                             LAST: tl.constexpr, SPECIAL: tl.constexpr, PDL: tl.constexpr, BLOCK_V: tl.constexpr,
-                            BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                            BLOCK_C: tl.constexpr, BLOCK_3C: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
         """Greedy byte step i's end: logits[b, n-block] = LN(h[b]) @ W[n-block].T (ln_linear, no bias); the last
         program of row b to finish (count_ptr[b], zero before and after) then selects its byte (_select_byte)."""
         let_next_kernel_launch(PDL)
@@ -331,8 +367,8 @@ if triton is not None:
         if tl.atomic_add(count_ptr + b, 1, sem="acq_rel") == tl.num_programs(0) - 1:
             tl.atomic_xchg(count_ptr + b, 0, sem="relaxed")
             _select_byte(b, logits_ptr, logits_ptr, forced_ptr, n_forced_ptr, seen_ptr, patch_ptr, wte_ptr, wpe_ptr,
-                         x_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm, True, LAST, SPECIAL, BLOCK_V,
-                         BLOCK_C)
+                         x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm, stride_qm,
+                         True, LAST, SPECIAL, BLOCK_V, BLOCK_C, BLOCK_3C)
 
     @triton.jit
     def _patch_embed_kernel(patch_ptr, done_ptr, out_ptr, all_done_ptr, index_ptr, pos_ptr, slot_ptr, w_ptr, b_ptr,
@@ -536,7 +572,9 @@ def qkv_attention(x: torch.Tensor, ln, c_attn, cache, slot: torch.Tensor, key_ma
     qkv = torch.empty(B, 3 * C, dtype=x.dtype, device=x.device)
     y = torch.empty(B, C, dtype=x.dtype, device=x.device)
     weight, bias = c_attn.weight, c_attn.bias
-    mask = key_mask.reshape(-1) if key_mask is not None else slot  # an unused pointer without a mask
+    # without a mask, an unused pointer of a mask's dtype: Triton's autotuner keys on the tensors' dtypes, and the
+    # kernels with and without a mask must take the same config to round alike
+    mask = key_mask.reshape(-1) if key_mask is not None else slot.view(torch.bool)
     args = (x, ln.weight, ln.bias, weight, bias if bias is not None else weight, qkv, k_cache, v_cache, slot, mask, y,
             counts, C, C, x.stride(0), weight.stride(0), qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), y.stride(0), ln.eps, 1.0 / math.sqrt(D))
@@ -554,54 +592,109 @@ def qkv_attention(x: torch.Tensor, ln, c_attn, cache, slot: torch.Tensor, key_ma
     return y
 
 
-def block_step(block, x: torch.Tensor, cache, slot: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+def attention(qkv: torch.Tensor, cache, slot: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The attention of one new token per row whose q, k, v (B, 3 C) are already computed, in one kernel (one
+    program per head and row): k and v stored in cache (a KVCache of (B', H, L, D)) at slot (1,), causal attention
+    over the keys up to it -> (B, C). What qkv_attention's attending programs do."""
+    B, C = qkv.size(0), qkv.size(1) // 3
+    D = C // n_head
+    k_cache, v_cache = cache.k, cache.v
+    y = torch.empty(B, C, dtype=qkv.dtype, device=qkv.device)
+    block_d = triton.next_power_of_2(D)
+    block_l = _INTERPRET_BLOCK_L if interpreting() else min(triton.next_power_of_2(k_cache.size(2)), MAX_BLOCK_L)
+    _attention_kernel[(n_head, B)](qkv, k_cache, v_cache, slot, y, C, qkv.stride(0), k_cache.stride(0),
+                                   k_cache.stride(1), k_cache.stride(2), y.stride(0), 1.0 / math.sqrt(D),
+                                   PREFETCH=PREFETCH_KV and not interpreting(), D=D, BLOCK_D=block_d,
+                                   LINE=min(16, block_d), BLOCK_L=block_l, num_warps=1 if interpreting() else 4,
+                                   **launch_options(qkv.device))
+    return y
+
+
+def block_step(block, x: torch.Tensor, cache, slot: torch.Tensor, key_mask: torch.Tensor | None,
+               qkv: torch.Tensor | None = None) -> torch.Tensor:
     """layers.Block for one new token per row: x (B, C) at cache slot (1,) -> x (B, C); four kernels. key_mask:
-    as qkv_attention's."""
-    y = qkv_attention(x, block.ln_1, block.attn.c_attn, cache, slot, key_mask, block.attn.n_head)
+    as qkv_attention's. qkv: the attention's q, k, v (B, 3 C) when already computed (NextStep; causal attention,
+    the attention kernel alone), or None: qkv_attention."""
+    if qkv is None:
+        y = qkv_attention(x, block.ln_1, block.attn.c_attn, cache, slot, key_mask, block.attn.n_head)
+    else:
+        y = attention(qkv, cache, slot, block.attn.n_head)
     x = ln_linear(y, None, block.attn.c_proj, residual=x)
     h = ln_linear(x, block.ln_2, block.mlp.c_fc, act=block.mlp.gelu)
     return ln_linear(h, None, block.mlp.c_proj, residual=x)
 
 
-def blocks_step(stack, x: torch.Tensor, caches, slot: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+def blocks_step(stack, x: torch.Tensor, caches, slot: torch.Tensor, key_mask: torch.Tensor,
+                first_qkv: torch.Tensor | None = None) -> torch.Tensor:
     """Every block of a layers.GPT2Stack for one new token per row: x (B, C) (positions added) -> x (B, C), before
-    the final LayerNorm."""
-    for block, cache in zip(stack.h, caches):
-        x = block_step(block, x, cache, slot, key_mask)
+    the final LayerNorm. first_qkv: the first block's q, k, v (B, 3 C) when already computed (block_step)."""
+    for j, (block, cache) in enumerate(zip(stack.h, caches)):
+        x = block_step(block, x, cache, slot, key_mask, first_qkv if j == 0 else None)
     return x
+
+
+@dataclasses.dataclass
+class NextStep:
+    """What a bGPT byte step's selection writes for the next step, besides the byte: its input x (B, C) <-
+    byte_wte[byte] + wpe[i + 1], and its first block's q, k, v, qkv (B, 3 C) <- table[byte]. table (V, 3 C): that
+    block's QKV projection of every byte's input at position i + 1 (first_block_qkv), so that the next step's first
+    block starts at its attention (attention(), without the projection's weights)."""
+    x: torch.Tensor
+    table: torch.Tensor
+    qkv: torch.Tensor
+
+
+def first_block_qkv(stack, byte_wte: torch.Tensor) -> torch.Tensor:
+    """The first block's q, k, v (c_attn(ln_1(.))) of every byte's input byte_wte[byte] + wpe[p] at positions
+    p = 1 .. n_positions - 1 of stack (the byte decoder, a layers.GPT2Stack): (n_positions - 1, V, 3 C). A byte
+    step's input depends only on the byte before it and the position, so its QKV projection is a lookup."""
+    block = stack.h[0]
+    with torch.no_grad():
+        return block.attn.c_attn(block.ln_1(byte_wte[None] + stack.wpe.weight[1:, None])).contiguous()
+
+
+def _next_step_args(next_step: NextStep | None, dummy: torch.Tensor) -> tuple[tuple, dict]:
+    """The kernels' (x, table, qkv) pointers, the strides of x and qkv, and flags; for a patch's last step (None),
+    unused ones."""
+    if next_step is None:
+        return (dummy, dummy, dummy), (0, 0), dict(LAST=True, BLOCK_3C=1)
+    x, table, qkv = next_step.x, next_step.table, next_step.qkv
+    assert table.stride(1) == 1 and table.size(1) == qkv.size(1) == 3 * x.size(1) and qkv.stride(1) == 1
+    return (x, table, qkv), (x.stride(0), qkv.stride(0)), dict(LAST=False, BLOCK_3C=triton.next_power_of_2(qkv.size(1)))
 
 
 def select_byte(logits: torch.Tensor, token: torch.Tensor, forced: torch.Tensor, n_forced: torch.Tensor,
                 seen: torch.Tensor, patch: torch.Tensor, i: int, byte_wte: torch.Tensor, wpe: torch.Tensor,
-                special: int, x_next: torch.Tensor | None) -> None:
+                special: int, next_step: NextStep | None) -> None:
     """bGPT's byte step i after the logits (B, V) and the drawn token (B,), in one kernel: the byte, forced while
     i < n_forced (a () device tensor), SPECIAL once seen (B,) says the row emitted it (updated); written to
-    patch[:, i]; x_next (B, C) <- byte_wte[byte] + wpe[i + 1] unless x_next is None. (Greedy: head_select_byte.)"""
+    patch[:, i]; then, unless next_step is None (the patch's last step), the next step's input and first-block
+    q, k, v (NextStep). (Greedy: head_select_byte.)"""
     B, V = logits.shape
     C = byte_wte.size(1)
-    last = x_next is None
-    _select_byte_kernel[(B,)](logits, token, forced, n_forced, seen, patch, byte_wte,
-                              wpe, x_next if not last else logits, V, C, i, logits.stride(0), forced.stride(0),
-                              patch.stride(0), x_next.stride(0) if not last else 0, LAST=last,
-                              SPECIAL=special, BLOCK_V=triton.next_power_of_2(V), BLOCK_C=triton.next_power_of_2(C),
+    pointers, strides, flags = _next_step_args(next_step, logits)
+    _select_byte_kernel[(B,)](logits, token, forced, n_forced, seen, patch, byte_wte, wpe, *pointers, V, C, i,
+                              logits.stride(0), forced.stride(0), patch.stride(0), *strides, SPECIAL=special,
+                              BLOCK_V=triton.next_power_of_2(V), BLOCK_C=triton.next_power_of_2(C), **flags,
                               num_warps=1 if interpreting() else 4, **launch_options(logits.device))
 
 
 def head_select_byte(h: torch.Tensor, ln, lm_head, counts: torch.Tensor, forced: torch.Tensor, n_forced: torch.Tensor,
                      seen: torch.Tensor, patch: torch.Tensor, i: int, byte_wte: torch.Tensor, wpe: torch.Tensor,
-                     special: int, x_next: torch.Tensor | None) -> None:
+                     special: int, next_step: NextStep | None) -> None:
     """Greedy: logits = lm_head(ln(h)) (h (B, C)) and select_byte on them, in one kernel; counts: int32 (B,) zeros
     (left at zero)."""
     B, C = h.shape
     weight = lm_head.weight
     V = weight.size(0)
     logits = torch.empty(B, V, dtype=h.dtype, device=h.device)
-    last = x_next is None
-    args = (h, ln.weight, ln.bias, weight, logits, counts, forced, n_forced, seen, patch, byte_wte, wpe,
-            x_next if not last else logits, V, C, i, h.stride(0), weight.stride(0), logits.stride(0), forced.stride(0),
-            patch.stride(0), x_next.stride(0) if not last else 0, ln.eps)
-    flags = dict(LAST=last, SPECIAL=special, BLOCK_V=triton.next_power_of_2(V), BLOCK_C=triton.next_power_of_2(C),
-                 BLOCK_K=triton.next_power_of_2(C), **launch_options(h.device))
+    pointers, strides, next_flags = _next_step_args(next_step, logits)
+    args = (h, ln.weight, ln.bias, weight, logits, counts, forced, n_forced, seen, patch, byte_wte, wpe, *pointers,
+            V, C, i, h.stride(0), weight.stride(0), logits.stride(0), forced.stride(0), patch.stride(0), *strides,
+            ln.eps)
+    flags = dict(SPECIAL=special, BLOCK_V=triton.next_power_of_2(V), BLOCK_C=triton.next_power_of_2(C),
+                 BLOCK_K=triton.next_power_of_2(C), **next_flags, **launch_options(h.device))
+    last = next_step is None
     if interpreting():
         meta = _INTERPRET_LN_LINEAR
         _head_select_kernel[(triton.cdiv(V, meta["BLOCK_N"]), B)](*args, **flags, **meta)

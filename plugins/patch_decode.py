@@ -119,10 +119,18 @@ class PatchDecoder:
             self.byte_step = torch.compile(self._byte_step, dynamic=False)
         # the fused Triton blocks and byte selection (plugins/decode_kernels.py) where gpt2_step would use them
         self.fused = not compile and fused_blocks(self.feature[:, None])
-        if self.fused:  # the rows that emitted the end mark, each step's input, the greedy selection's counters
+        if self.fused:  # the rows that emitted the end mark, each step's input, the greedy selection's counters,
+            # and what a step's selection writes for the next one (decode_kernels.NextStep)
+            from bytedeploy.plugins.decode_kernels import NextStep, first_block_qkv
+
             self.seen = torch.zeros(batch_size, dtype=torch.bool, device=device)
             self.x = [torch.zeros(batch_size, C, dtype=dtype, device=device) for _ in range(P)]
             self.select_counts = torch.zeros(batch_size, dtype=torch.int32, device=device)
+            # computed now: weights changed afterwards need a new PatchDecoder (native.cached_runner makes one)
+            self.first_qkv = first_block_qkv(model.byte_decoder, model.byte_wte.weight)
+            self.next_steps = [NextStep(self.x[i + 1], self.first_qkv[i],
+                                        torch.zeros(batch_size, 3 * C, dtype=dtype, device=device))
+                               for i in range(P - 1)] + [None]
         self.graph = capture(self.decode, self.generator) if use_graph else None
 
     def _byte_step(self, x: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -155,25 +163,28 @@ class PatchDecoder:
 
     def decode_fused(self, prepared: bool = False) -> None:
         """decode with the fused kernels: per byte step the blocks (four kernels each), then LayerNorm + LM head and
-        the byte's selection, forcing, end-mark bookkeeping and next input: one kernel when greedy (the argmax in
-        the head's last program), else the head, the draw (torch) and the selection. prepared: the caller has
-        already done prepare() (bGPT's native loop does it in the kernel that ends the previous patch)."""
+        the byte's selection, forcing, end-mark bookkeeping, next input and the next step's first-block q, k, v
+        (NextStep: a table lookup, so that the next step's first block starts at its attention): one kernel when
+        greedy (the argmax in the head's last program), else the head, the draw (torch) and the selection.
+        prepared: the caller has already done prepare() (bGPT's native loop does it in the kernel that ends the
+        previous patch)."""
         from bytedeploy.plugins.decode_kernels import blocks_step, head_select_byte, ln_linear, select_byte
 
         model, stack = self.model, self.model.byte_decoder
         if not prepared:
             self.prepare()
         for i in range(self.P):
-            h = blocks_step(stack, self.x[i], self.caches, self.slots[i], self.masks[i])
-            x_next = self.x[i + 1] if i + 1 < self.P else None
+            first_qkv = self.next_steps[i - 1].qkv if i else None
+            h = blocks_step(stack, self.x[i], self.caches, self.slots[i], self.masks[i], first_qkv)
             if self.sampling.greedy:
                 head_select_byte(h, stack.ln_f, model.lm_head, self.select_counts, self.forced, self.n_forced,
-                                 self.seen, self.patch, i, model.byte_wte.weight, stack.wpe.weight, SPECIAL, x_next)
+                                 self.seen, self.patch, i, model.byte_wte.weight, stack.wpe.weight, SPECIAL,
+                                 self.next_steps[i])
                 continue
             logits = ln_linear(h, stack.ln_f, model.lm_head)
             token = sample(logits, self.sampling, self.generator)
             select_byte(logits, token, self.forced, self.n_forced, self.seen, self.patch, i, model.byte_wte.weight,
-                        stack.wpe.weight, SPECIAL, x_next)
+                        stack.wpe.weight, SPECIAL, self.next_steps[i])
 
     def run(self) -> None:
         if self.graph is None:

@@ -64,10 +64,33 @@ def check_fused_equals_torch(device, dtype, n_embd=40, n_head=4, n_layer=2, step
                 torch.testing.assert_close(a.v, b.v, **tol)
 
 
+def check_attention_equals_qkv_attention(device, dtype=torch.float32, n_embd=32, n_head=4, batch_size=2, n_slots=7,
+                                         atol=2e-5):
+    """attention() on q, k, v computed beforehand (what a byte step's selection hands the next step's first block,
+    decode_kernels.NextStep) attends as qkv_attention does over the same cache, slot after slot, and stores the
+    same keys and values."""
+    torch.manual_seed(1)
+    stack = GPT2Stack(GPT2StackConfig(n_layer=1, n_head=n_head, n_embd=n_embd, n_positions=n_slots)).eval()
+    stack = stack.to(device=device, dtype=dtype)
+    block = stack.h[0]
+    caches = [stack.make_caches(batch_size, n_slots)[0] for _ in range(2)]
+    positions = torch.arange(n_slots, device=device)
+    with torch.no_grad():
+        for i in range(n_slots):
+            x, slot = torch.randn(batch_size, n_embd, device=device, dtype=dtype), torch.tensor([i], device=device)
+            ref = decode_kernels.qkv_attention(x, block.ln_1, block.attn.c_attn, caches[0], slot,
+                                               native.step_mask(positions, slot), n_head)
+            got = decode_kernels.attention(block.attn.c_attn(block.ln_1(x)), caches[1], slot, n_head)
+            torch.testing.assert_close(got, ref, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(caches[1].v, caches[0].v, atol=atol, rtol=1e-5)
+
+
 def fused_and_torch_patches(model, sampling, feature, forced) -> dict:
     """PatchDecoder's patches on the fused path ("auto") and the torch path, for a partial, a full and no forced
-    prefix; asserts that they are equal."""
-    patches = {}
+    prefix; asserts that they are equal, and so are the byte decoder's caches after the last patch (on the fused
+    path the first block's keys and values after step 0 come from the selection's NextStep)."""
+    patches, caches = {}, {}
     saved = native.KERNELS
     try:
         for kernels in ("auto", "torch"):
@@ -77,10 +100,15 @@ def fused_and_torch_patches(model, sampling, feature, forced) -> dict:
             decoder.generator.manual_seed(3)
             with torch.no_grad():
                 patches[kernels] = [decoder(feature, forced[:, :1]), decoder(feature, forced), decoder(feature)]
+            caches[kernels] = decoder.caches
     finally:
         native.KERNELS = saved
     for a, b in zip(patches["auto"], patches["torch"]):
         assert torch.equal(a, b), (a, b)
+    for a, b in zip(caches["auto"], caches["torch"]):  # loose: these test weights are large (std 0.5) and the
+        # two paths' float32 roundings grow through the blocks; a wrong slot or value would be off by far more
+        torch.testing.assert_close(a.k, b.k, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(a.v, b.v, atol=1e-3, rtol=1e-3)
     return patches
 
 
@@ -174,6 +202,13 @@ def test_patch_glue_kernels_equal_torch_on_gpu():
 
 
 @cuda
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_attention_equals_qkv_attention_on_gpu(dtype, atol):
+    for n_slots in (16, 23):  # a byte decoder's cache, and one longer than MAX_BLOCK_L: the loop's two blocks
+        check_attention_equals_qkv_attention("cuda", dtype, n_embd=768, n_head=12, n_slots=n_slots, atol=atol)
+
+
+@cuda
 def test_patch_decode_fused_equals_torch_path_on_gpu():
     check_patch_decode_fused_equals_torch("cuda", n_embd=64, n_head=4, n_layer=2, patch_size=8)
 
@@ -236,9 +271,10 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     import os
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from test_decode_kernels import (check_fused_equals_torch, check_patch_decode_fused_equals_torch,
-                                     check_patch_glue_equals_torch)
+    from test_decode_kernels import (check_attention_equals_qkv_attention, check_fused_equals_torch,
+                                     check_patch_decode_fused_equals_torch, check_patch_glue_equals_torch)
     check_fused_equals_torch("cpu", torch.float32, n_embd=24, n_head=2, n_layer=1, steps=5, batch_sizes=(2,))
+    check_attention_equals_qkv_attention("cpu")
     check_patch_decode_fused_equals_torch("cpu")
     check_patch_glue_equals_torch("cpu")
     print("interpreter ok")
