@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig
-from bytedeploy.runtimes.native import capture, fused_blocks, gpt2_step
+from bytedeploy.runtimes.native import capture, fused_blocks, gpt2_step, weight_states
 from bytedeploy.sampling import SamplingConfig, make_generator, sample
 
 SPECIAL = 256  # bgpt.SPECIAL: end of content / padding
@@ -126,8 +126,8 @@ class PatchDecoder:
             self.seen = torch.zeros(batch_size, dtype=torch.bool, device=device)
             self.x = [torch.zeros(batch_size, C, dtype=dtype, device=device) for _ in range(P)]
             self.select_counts = torch.zeros(batch_size, dtype=torch.int32, device=device)
-            # computed now: weights changed afterwards need a new PatchDecoder (native.cached_runner makes one)
             self.first_qkv = first_block_qkv(model.byte_decoder, model.byte_wte.weight)
+            self.first_qkv_states = self.first_block_weight_states()
             self.next_steps = [NextStep(self.x[i + 1], self.first_qkv[i],
                                         torch.zeros(batch_size, 3 * C, dtype=dtype, device=device))
                                for i in range(P - 1)] + [None]
@@ -192,8 +192,28 @@ class PatchDecoder:
         else:
             self.graph.replay()
 
+    def first_block_weight_states(self) -> list:
+        """native.weight_states of the weights the first-block QKV table is made from."""
+        stack = self.model.byte_decoder
+        states = []
+        for module in (self.model.byte_wte, stack.wpe, stack.h[0].ln_1, stack.h[0].attn.c_attn):
+            weight_states(module, states)
+        return states
+
+    def refresh_first_qkv(self) -> None:
+        """Remake the first-block QKV table in place (captured kernels keep reading the same buffer) if the weights
+        it is made from changed in place since. (bGPT's native runner makes a new PatchDecoder instead.)"""
+        states = self.first_block_weight_states()
+        if states != self.first_qkv_states:
+            from bytedeploy.plugins.decode_kernels import first_block_qkv
+
+            self.first_qkv.copy_(first_block_qkv(self.model.byte_decoder, self.model.byte_wte.weight))
+            self.first_qkv_states = states
+
     def __call__(self, feature: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
         """feature (B, C), forced (B, k) bytes that begin the patch -> a copy of the patch (B, P)."""
+        if self.fused:
+            self.refresh_first_qkv()
         k = 0 if forced is None else forced.size(1)
         self.feature.copy_(feature)
         if k:

@@ -134,6 +134,36 @@ def check_patch_decode_fused_equals_torch(device, n_embd=16, n_head=2, n_layer=1
     fused_and_torch_patches(model, sampled, feature, forced)
 
 
+def check_first_qkv_follows_weights(device, n_embd=16, n_head=2, patch_size=4):
+    """A fused PatchDecoder whose first byte-decoder block's weights change in place remakes its QKV table: its
+    patches and the first block's cached keys and values then equal a new torch-path decoder's."""
+    cfg = bgpt.Config(patch_size=patch_size, n_patches=4, n_embd=n_embd, n_layer=1, n_head=n_head, byte_n_layer=1,
+                      byte_n_head=n_head)
+    torch.manual_seed(2)
+    model = bgpt.Model(cfg).eval().to(device)
+    feature = torch.randn(2, n_embd, device=device)
+    greedy = SamplingConfig(temperature=0.0)
+    decoder = PatchDecoder(model, 2, greedy, use_graph=False)
+    assert decoder.fused
+    with torch.no_grad():
+        before = decoder(feature)
+        for p in (model.byte_wte.weight, model.byte_decoder.h[0].attn.c_attn.weight):
+            p.normal_(0.0, 0.5)
+        after = decoder(feature)
+    saved = native.KERNELS
+    native.KERNELS = "torch"
+    try:
+        with torch.no_grad():
+            reference = PatchDecoder(model, 2, greedy, use_graph=False)
+            expected = reference(feature)
+    finally:
+        native.KERNELS = saved
+    assert torch.equal(after, expected), (after, expected)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(decoder.caches[0].k, reference.caches[0].k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decoder.caches[0].v, reference.caches[0].v, atol=1e-5, rtol=1e-5)
+
+
 def check_patch_glue_equals_torch(device, dtype=torch.float32, n_embd=24, n_head=2, patch_size=3, n_patches=5):
     """embed_patch and patch_feature (bGPT's glue between the decoders) against the torch code they replace, with a
     row that ends in this patch, one done before it, one still going; and blocks_step without a key mask equal to
@@ -271,10 +301,12 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     import os
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from test_decode_kernels import (check_attention_equals_qkv_attention, check_fused_equals_torch,
-                                     check_patch_decode_fused_equals_torch, check_patch_glue_equals_torch)
+    from test_decode_kernels import (check_attention_equals_qkv_attention, check_first_qkv_follows_weights,
+                                     check_fused_equals_torch, check_patch_decode_fused_equals_torch,
+                                     check_patch_glue_equals_torch)
     check_fused_equals_torch("cpu", torch.float32, n_embd=24, n_head=2, n_layer=1, steps=5, batch_sizes=(2,))
     check_attention_equals_qkv_attention("cpu")
+    check_first_qkv_follows_weights("cpu")
     check_patch_decode_fused_equals_torch("cpu")
     check_patch_glue_equals_torch("cpu")
     print("interpreter ok")
