@@ -138,22 +138,27 @@ class PatchDecoder:
         h = gpt2_step(self.model.byte_decoder, x, self.caches, slot, mask)
         return self.model.lm_head(h)[:, -1]
 
-    def decode(self) -> None:
-        """The whole patch into self.patch: patch_size byte steps, capturable (no host synchronisation)."""
+    def decode(self, n_steps: int | None = None) -> None:
+        """The whole patch into self.patch: patch_size byte steps, capturable (no host synchronisation). n_steps < P:
+        only the patch's first n_steps bytes, the rest SPECIAL (a run's last patch, of which fewer bytes were
+        asked for)."""
         if self.fused:
-            return self.decode_fused()
+            return self.decode_fused(n_steps=n_steps)
         model = self.model
         x = self.feature[:, None]
         seen = torch.zeros(self.B, dtype=torch.bool, device=x.device)
-        for i in range(self.P):
+        n_steps = self.P if n_steps is None else n_steps
+        for i in range(n_steps):
             logits = self.byte_step(x, self.slots[i], self.masks[i])
             token = sample(logits, self.sampling, self.generator)
             token = torch.where(self.n_forced > i, self.forced[:, i], token)
             token = token.masked_fill(seen, SPECIAL)
             seen = seen | (token == SPECIAL)
             self.patch[:, i].copy_(token)
-            if i + 1 < self.P:
+            if i + 1 < n_steps:
                 x = model.byte_wte(token)[:, None]
+        if n_steps < self.P:
+            self.patch[:, n_steps:].fill_(SPECIAL)
 
     def prepare(self) -> None:
         """The fused path's start of a patch: no row has emitted the end mark yet; the first input is the feature
@@ -161,19 +166,20 @@ class PatchDecoder:
         self.seen.zero_()
         torch.add(self.feature, self.model.byte_decoder.wpe.weight[0].detach(), out=self.x[0])  # (no grad)
 
-    def decode_fused(self, prepared: bool = False) -> None:
+    def decode_fused(self, prepared: bool = False, n_steps: int | None = None) -> None:
         """decode with the fused kernels: per byte step the blocks (four kernels each), then LayerNorm + LM head and
         the byte's selection, forcing, end-mark bookkeeping, next input and the next step's first-block q, k, v
         (NextStep: a table lookup, so that the next step's first block starts at its attention): one kernel when
         greedy (the argmax in the head's last program), else the head, the draw (torch) and the selection.
         prepared: the caller has already done prepare() (bGPT's native loop does it in the kernel that ends the
-        previous patch)."""
+        previous patch). n_steps: as in decode."""
         from bytedeploy.plugins.decode_kernels import blocks_step, head_select_byte, ln_linear, select_byte
 
         model, stack = self.model, self.model.byte_decoder
+        n_steps = self.P if n_steps is None else n_steps
         if not prepared:
             self.prepare()
-        for i in range(self.P):
+        for i in range(n_steps):
             first_qkv = self.next_steps[i - 1].qkv if i else None
             h = blocks_step(stack, self.x[i], self.caches, self.slots[i], self.masks[i], first_qkv)
             if self.sampling.greedy:
@@ -185,6 +191,8 @@ class PatchDecoder:
             token = sample(logits, self.sampling, self.generator)
             select_byte(logits, token, self.forced, self.n_forced, self.seen, self.patch, i, model.byte_wte.weight,
                         stack.wpe.weight, SPECIAL, self.next_steps[i])
+        if n_steps < self.P:
+            self.patch[:, n_steps:].fill_(SPECIAL)
 
     def run(self) -> None:
         if self.graph is None:

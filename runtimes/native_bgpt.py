@@ -65,6 +65,7 @@ class BgptRunner:
             self.patch_step = torch.compile(self._patch_step, dynamic=False)
         self.graph = capture(self.patch_then_step, self.generator)
         self.prefill_graphs = {}  # prompt patches T -> (static prompt (B, T, P), its captured prefill)
+        self.last_graphs = {}  # bytes of a run's last patch -> its captured graph (last_patch)
 
     def _patch_step(self, patch: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """The new patch (B, P) at the patch decoder's slot -> its feature (B, C)."""
@@ -127,40 +128,62 @@ class BgptRunner:
         else:
             self.patch_then_step_torch()
 
-    def patch_then_step_torch(self) -> None:
+    def last_patch(self, n_bytes: int) -> None:
+        """A run's last patch (what a last graph holds): its first n_bytes only (the rest SPECIAL) when fewer were
+        asked for, and no patch decoder step after it, whose feature nothing would read."""
+        if self.decoder.fused:
+            self.patch_then_step_fused(n_bytes, step=False)
+        else:
+            self.patch_then_step_torch(n_bytes, step=False)
+
+    def last_graph(self, n_bytes: int) -> torch.cuda.CUDAGraph:
+        """last_patch(n_bytes) captured at its first use. Capture runs it once (its warm-up), so the caller captures
+        before a run's prefill, which resets what that run touched."""
+        if n_bytes not in self.last_graphs:
+            self.last_graphs[n_bytes] = capture(lambda: self.last_patch(n_bytes), self.generator)
+        return self.last_graphs[n_bytes]
+
+    def patch_then_step_torch(self, n_bytes: int | None = None, step: bool = True) -> None:
         """The patch (PatchDecoder.decode), then torch glue around gpt2_step (which runs the fused blocks where
         they apply): about twenty small kernels that are not PDL launches."""
-        self.decoder.decode()
+        self.decoder.decode(n_bytes)
         patch = self.decoder.patch.masked_fill(self.done[:, None], SPECIAL)
         self.out.index_copy_(1, self.index.clamp(max=self.N - 1), patch[:, None])
         self.done.logical_or_((patch == SPECIAL).any(-1))
         self.all_done.copy_(self.done.all())
+        if not step:
+            return
         # after the context's last patch the step is never used: clamping keeps the warm-up and it in bounds
         self.decoder.feature.copy_(self.patch_step(patch, self.pos.clamp(max=self.N - 1)))
         self.pos.add_(1)
         self.index.add_(1)
 
-    def patch_then_step_fused(self) -> None:
+    def patch_then_step_fused(self, n_bytes: int | None = None, step: bool = True) -> None:
         """patch_then_step in the fused kernels only: the patch (prepared by the previous patch_feature or the
         prefill), embed_patch, the patch decoder's blocks, patch_feature."""
         from bytedeploy.plugins.decode_kernels import blocks_step, embed_patch, patch_feature
 
         model, decoder, stack = self.model, self.decoder, self.model.patch_decoder
-        decoder.decode_fused(prepared=True)
+        decoder.decode_fused(prepared=True, n_steps=n_bytes)
         embed_patch(decoder.patch, self.done, self.out, self.all_done, self.index, self.pos, self.slot,
                     model.patch_embedding, stack.wpe.weight, self.patch_x, SPECIAL)
+        if not step:
+            return
         h = blocks_step(stack, self.patch_x, self.caches, self.slot, None)
         patch_feature(h, stack.ln_f, decoder.feature, model.byte_decoder.wpe.weight, decoder.x[0], decoder.seen,
                       self.pos, self.index)
 
-    def run(self, prompt, tail, max_patches: int, seed: int) -> tuple[torch.Tensor, int]:
-        """-> (generated patches (B, n, P) with the forced tail bytes still in front, n)."""
+    def run(self, prompt, tail, max_patches: int, seed: int, last_bytes: int | None = None
+            ) -> tuple[torch.Tensor, int]:
+        """-> (generated patches (B, n, P) with the forced tail bytes still in front, n). last_bytes: of the last
+        patch (max_patches - 1) only these first bytes are asked for [all]."""
+        last = self.last_graph(last_bytes or self.out.size(2))
         self.generator.manual_seed(seed)
         k = len(tail)
         self.prefill(prompt, tail)
         n = 0
         for j in range(max_patches):
-            self.graph.replay()
+            (last if j == max_patches - 1 else self.graph).replay()
             self.done_host[j].copy_(self.all_done, non_blocking=True)
             self.done_events[j].record()
             n = j + 1
@@ -178,6 +201,13 @@ class BgptRunner:
         return self.out[:, :n], n
 
 
+def last_patch_bytes(cfg, request: GenerateRequest, tail, max_patches: int) -> int:
+    """How many bytes of the run's last patch are asked for: those that reach max_new (the forced tail bytes count
+    in the first patch), or the whole patch where the context ends first or max_new is 0 (no limit)."""
+    wanted = request.max_new + len(tail) - (max_patches - 1) * cfg.patch_size
+    return wanted if request.max_new and 0 < wanted < cfg.patch_size else cfg.patch_size
+
+
 def generate(model, cfg, request: GenerateRequest) -> GenerateResult:
     if cfg.task != "generate":
         raise UserError("this checkpoint is a classifier; use 'bytedeploy eval' to classify files")
@@ -187,7 +217,8 @@ def generate(model, cfg, request: GenerateRequest) -> GenerateResult:
     t0 = time.perf_counter()
     key = ("bgpt", B, sampling_key(request.sampling), compile)
     runner = cached_runner(model, key, lambda: BgptRunner(model, B, request.sampling, compile))
-    patches, n = runner.run(prompt, tail, max_patches, request.sampling.seed)
+    patches, n = runner.run(prompt, tail, max_patches, request.sampling.seed, last_patch_bytes(cfg, request, tail,
+                                                                                              max_patches))
     rows = patches.reshape(B, -1)[:, len(tail):].cpu().numpy()
     outs = [bgpt.patches_to_bytes(r) for r in rows]
     sync()

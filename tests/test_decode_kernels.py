@@ -134,6 +134,39 @@ def check_patch_decode_fused_equals_torch(device, n_embd=16, n_head=2, n_layer=1
     fused_and_torch_patches(model, sampled, feature, forced)
 
 
+def check_partial_patch_is_the_patch_prefix(device, n_embd=16, n_head=2, patch_size=4):
+    """PatchDecoder.decode(n_steps) (a run's last patch, of which fewer bytes were asked for), fused and torch path,
+    greedy and seeded sampling: the full patch's first n_steps bytes, then SPECIAL."""
+    cfg = bgpt.Config(patch_size=patch_size, n_patches=4, n_embd=n_embd, n_layer=1, n_head=n_head, byte_n_layer=1,
+                      byte_n_head=n_head)
+    torch.manual_seed(1)
+    model = bgpt.Model(cfg).eval().to(device)
+    with torch.no_grad():
+        model.byte_wte.weight[SPECIAL] *= 0.1  # the end mark does not win: every byte of the prefix is drawn
+    feature = torch.randn(3, n_embd, device=device)
+    saved = native.KERNELS
+    try:
+        for kernels in ("auto", "torch"):
+            native.KERNELS = kernels
+            for sampling in (SamplingConfig(temperature=0.0), SamplingConfig(top_k=5, temperature=0.9, seed=3)):
+                decoder = PatchDecoder(model, 3, sampling, use_graph=False)
+                assert decoder.fused == (kernels == "auto")
+                decoder.feature.copy_(feature)
+                patches = {}
+                for n_steps in (patch_size, 1, patch_size - 1):
+                    decoder.generator.manual_seed(3)
+                    with torch.no_grad():
+                        decoder.decode(n_steps)
+                    patches[n_steps] = decoder.patch.clone()
+                full = patches[patch_size]
+                assert (full != SPECIAL).all()
+                for n_steps in (1, patch_size - 1):
+                    assert torch.equal(patches[n_steps][:, :n_steps], full[:, :n_steps]), (kernels, n_steps)
+                    assert (patches[n_steps][:, n_steps:] == SPECIAL).all()
+    finally:
+        native.KERNELS = saved
+
+
 def check_first_qkv_follows_weights(device, n_embd=16, n_head=2, patch_size=4):
     """A fused PatchDecoder whose first byte-decoder block's weights change in place remakes its QKV table: its
     patches and the first block's cached keys and values then equal a new torch-path decoder's."""
@@ -239,6 +272,16 @@ def test_attention_equals_qkv_attention_on_gpu(dtype, atol):
 
 
 @cuda
+def test_partial_patch_is_the_patch_prefix_on_gpu():
+    check_partial_patch_is_the_patch_prefix("cuda")
+
+
+@cuda
+def test_first_qkv_follows_weights_on_gpu():
+    check_first_qkv_follows_weights("cuda")
+
+
+@cuda
 def test_patch_decode_fused_equals_torch_path_on_gpu():
     check_patch_decode_fused_equals_torch("cuda", n_embd=64, n_head=4, n_layer=2, patch_size=8)
 
@@ -302,11 +345,12 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from test_decode_kernels import (check_attention_equals_qkv_attention, check_first_qkv_follows_weights,
-                                     check_fused_equals_torch, check_patch_decode_fused_equals_torch,
-                                     check_patch_glue_equals_torch)
+                                     check_fused_equals_torch, check_partial_patch_is_the_patch_prefix,
+                                     check_patch_decode_fused_equals_torch, check_patch_glue_equals_torch)
     check_fused_equals_torch("cpu", torch.float32, n_embd=24, n_head=2, n_layer=1, steps=5, batch_sizes=(2,))
     check_attention_equals_qkv_attention("cpu")
     check_first_qkv_follows_weights("cpu")
+    check_partial_patch_is_the_patch_prefix("cpu")
     check_patch_decode_fused_equals_torch("cpu")
     check_patch_glue_equals_torch("cpu")
     print("interpreter ok")

@@ -72,6 +72,34 @@ def test_bgpt_native_greedy_equals_eager_and_reuses_its_graph():
     assert sorted(runner.prefill_graphs) == [1, 2]  # one captured prompt prefill per prompt length (BOS + whole)
 
 
+def test_bgpt_last_patch_bytes_are_those_asked_for():
+    from bytedeploy.runtimes.native_bgpt import last_patch_bytes
+
+    cfg = bgpt.Config(patch_size=8, n_patches=12)
+    for max_new, tail, max_patches, expected in ((60, 3, 8, 7), (61, 3, 8, 8), (2, 7, 2, 1), (20, 0, 3, 4),
+                                                 (0, 3, 11, 8), (500, 0, 11, 8)):  # no limit; the context ends
+        assert last_patch_bytes(cfg, GenerateRequest(b"", max_new), [0] * tail, max_patches) == expected
+
+
+@cuda
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_bgpt_native_last_patch_decodes_only_the_bytes_asked_for(kernels):
+    """The last patch's graph stops at the last byte asked for and skips the patch decoder's step after it; the
+    output still equals eager's, on the fused kernels and on the torch path."""
+    model, cfg = bgpt_model()
+    saved = native.KERNELS
+    native.KERNELS = kernels
+    try:
+        for prompt, max_new in ((b"abcdefg", 2), (b"abc", 61), (b"abc", 60)):  # last patch: 1, 8 and 7 bytes
+            request = GenerateRequest(prompt, max_new, 2, GREEDY)
+            assert native.generate(model, cfg, "bgpt", request).outputs == bgpt.generate(model, cfg, request).outputs
+        runner = next(iter(model.__dict__[native.RUNNERS_ATTRIBUTE].values()))
+        assert runner.decoder.fused == (kernels == "auto")
+        assert sorted(runner.last_graphs) == [1, 7, 8]
+    finally:
+        native.KERNELS = saved
+
+
 @cuda
 def test_bgpt_short_prompt_prefill_in_the_fused_kernels_equals_the_torch_pass():
     """A prompt of few patches is prefilled one patch at a time in the fused kernels; the first feature and the
