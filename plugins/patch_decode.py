@@ -138,18 +138,23 @@ class PatchDecoder:
         h = gpt2_step(self.model.byte_decoder, x, self.caches, slot, mask)
         return self.model.lm_head(h)[:, -1]
 
-    def decode(self, n_steps: int | None = None) -> None:
+    def decode(self, n_steps: int | None = None, n_prefilled: int = 0) -> None:
         """The whole patch into self.patch: patch_size byte steps, capturable (no host synchronisation). n_steps < P:
         only the patch's first n_steps bytes, the rest SPECIAL (a run's last patch, of which fewer bytes were
-        asked for)."""
+        asked for). n_prefilled (at most n_forced): that many forced bytes go through the byte decoder with the
+        feature in one pass (prefill_forced) instead of a step each."""
         if self.fused:
-            return self.decode_fused(n_steps=n_steps)
-        model = self.model
+            return self.decode_fused(n_steps=n_steps, n_prefilled=n_prefilled)
+        model, k = self.model, n_prefilled
         x = self.feature[:, None]
         seen = torch.zeros(self.B, dtype=torch.bool, device=x.device)
         n_steps = self.P if n_steps is None else n_steps
-        for i in range(n_steps):
-            logits = self.byte_step(x, self.slots[i], self.masks[i])
+        for i in range(k, n_steps):
+            if k and i == k:
+                h, seen = self.prefill_forced(k)
+                logits = model.lm_head(model.byte_decoder.ln_f(h))
+            else:
+                logits = self.byte_step(x, self.slots[i], self.masks[i])
             token = sample(logits, self.sampling, self.generator)
             token = torch.where(self.n_forced > i, self.forced[:, i], token)
             token = token.masked_fill(seen, SPECIAL)
@@ -160,28 +165,45 @@ class PatchDecoder:
         if n_steps < self.P:
             self.patch[:, n_steps:].fill_(SPECIAL)
 
+    def prefill_forced(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch's first k + 1 inputs, the feature and its k forced bytes, through the byte decoder's blocks in
+        one pass (as bgpt.generate_patch does), writing cache slots 0..k, and the forced bytes into the patch ->
+        (the hidden state (B, C) at slot k, before ln_f, from which byte k is drawn; the rows whose forced bytes
+        hold the end mark)."""
+        model, stack = self.model, self.model.byte_decoder
+        forced = self.forced[:, :k]
+        x = torch.cat([self.feature[:, None], model.byte_wte(forced)], 1) + stack.wpe.weight[:k + 1]
+        for block, cache in zip(stack.h, self.caches):
+            x = block(x, cache, 0)
+        self.patch[:, :k].copy_(forced)
+        return x[:, -1], (forced == SPECIAL).any(-1)
+
     def prepare(self) -> None:
         """The fused path's start of a patch: no row has emitted the end mark yet; the first input is the feature
         at position 0."""
         self.seen.zero_()
         torch.add(self.feature, self.model.byte_decoder.wpe.weight[0].detach(), out=self.x[0])  # (no grad)
 
-    def decode_fused(self, prepared: bool = False, n_steps: int | None = None) -> None:
+    def decode_fused(self, prepared: bool = False, n_steps: int | None = None, n_prefilled: int = 0) -> None:
         """decode with the fused kernels: per byte step the blocks (four kernels each), then LayerNorm + LM head and
         the byte's selection, forcing, end-mark bookkeeping, next input and the next step's first-block q, k, v
         (NextStep: a table lookup, so that the next step's first block starts at its attention): one kernel when
         greedy (the argmax in the head's last program), else the head, the draw (torch) and the selection.
         prepared: the caller has already done prepare() (bGPT's native loop does it in the kernel that ends the
-        previous patch). n_steps: as in decode."""
+        previous patch). n_steps, n_prefilled: as in decode."""
         from bytedeploy.plugins.decode_kernels import blocks_step, head_select_byte, ln_linear, select_byte
 
-        model, stack = self.model, self.model.byte_decoder
+        model, stack, k = self.model, self.model.byte_decoder, n_prefilled
         n_steps = self.P if n_steps is None else n_steps
         if not prepared:
             self.prepare()
-        for i in range(n_steps):
-            first_qkv = self.next_steps[i - 1].qkv if i else None
-            h = blocks_step(stack, self.x[i], self.caches, self.slots[i], self.masks[i], first_qkv)
+        for i in range(k, n_steps):
+            if k and i == k:
+                h, seen = self.prefill_forced(k)
+                self.seen.copy_(seen)
+            else:
+                first_qkv = self.next_steps[i - 1].qkv if i else None
+                h = blocks_step(stack, self.x[i], self.caches, self.slots[i], self.masks[i], first_qkv)
             if self.sampling.greedy:
                 head_select_byte(h, stack.ln_f, model.lm_head, self.select_counts, self.forced, self.n_forced,
                                  self.seen, self.patch, i, model.byte_wte.weight, stack.wpe.weight, SPECIAL,

@@ -65,7 +65,8 @@ class BgptRunner:
             self.patch_step = torch.compile(self._patch_step, dynamic=False)
         self.graph = capture(self.patch_then_step, self.generator)
         self.prefill_graphs = {}  # prompt patches T -> (static prompt (B, T, P), its captured prefill)
-        self.last_graphs = {}  # bytes of a run's last patch -> its captured graph (last_patch)
+        # (forced bytes prefilled, bytes decoded, patch decoder step after?) -> a run's first or last patch, captured
+        self.edge_graphs = {(0, self.out.size(2), True): self.graph}
 
     def _patch_step(self, patch: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """The new patch (B, P) at the patch decoder's slot -> its feature (B, C)."""
@@ -121,32 +122,28 @@ class BgptRunner:
             h = blocks_step(stack, x, self.caches, self.positions[t:t + 1], None)
         return stack.ln_f(h)
 
-    def patch_then_step(self) -> None:
-        """One patch and the patch decoder's step on it (what the graph holds)."""
+    def patch_then_step(self, n_prefilled: int = 0, n_bytes: int | None = None, step: bool = True) -> None:
+        """One patch and the patch decoder's step on it (what the graph holds); the arguments: see edge_graph."""
         if self.decoder.fused:
-            self.patch_then_step_fused()
+            self.patch_then_step_fused(n_prefilled, n_bytes, step)
         else:
-            self.patch_then_step_torch()
+            self.patch_then_step_torch(n_prefilled, n_bytes, step)
 
-    def last_patch(self, n_bytes: int) -> None:
-        """A run's last patch (what a last graph holds): its first n_bytes only (the rest SPECIAL) when fewer were
-        asked for, and no patch decoder step after it, whose feature nothing would read."""
-        if self.decoder.fused:
-            self.patch_then_step_fused(n_bytes, step=False)
-        else:
-            self.patch_then_step_torch(n_bytes, step=False)
+    def edge_graph(self, n_prefilled: int, n_bytes: int, step: bool) -> torch.cuda.CUDAGraph:
+        """The graph of a patch that differs from the others: a run's first patch prefills its n_prefilled forced
+        bytes with the feature in one pass (PatchDecoder.prefill_forced); its last one decodes only the first n_bytes
+        asked for, with no patch decoder step after it (step False: nothing would read that feature). Captured at its
+        first use. Capture runs it once (its warm-up), so the caller captures before a run's prefill, which resets
+        what the warm-up touched."""
+        key = (n_prefilled, n_bytes, step)
+        if key not in self.edge_graphs:
+            self.edge_graphs[key] = capture(lambda: self.patch_then_step(*key), self.generator)
+        return self.edge_graphs[key]
 
-    def last_graph(self, n_bytes: int) -> torch.cuda.CUDAGraph:
-        """last_patch(n_bytes) captured at its first use. Capture runs it once (its warm-up), so the caller captures
-        before a run's prefill, which resets what that run touched."""
-        if n_bytes not in self.last_graphs:
-            self.last_graphs[n_bytes] = capture(lambda: self.last_patch(n_bytes), self.generator)
-        return self.last_graphs[n_bytes]
-
-    def patch_then_step_torch(self, n_bytes: int | None = None, step: bool = True) -> None:
+    def patch_then_step_torch(self, n_prefilled: int = 0, n_bytes: int | None = None, step: bool = True) -> None:
         """The patch (PatchDecoder.decode), then torch glue around gpt2_step (which runs the fused blocks where
         they apply): about twenty small kernels that are not PDL launches."""
-        self.decoder.decode(n_bytes)
+        self.decoder.decode(n_bytes, n_prefilled)
         patch = self.decoder.patch.masked_fill(self.done[:, None], SPECIAL)
         self.out.index_copy_(1, self.index.clamp(max=self.N - 1), patch[:, None])
         self.done.logical_or_((patch == SPECIAL).any(-1))
@@ -158,13 +155,13 @@ class BgptRunner:
         self.pos.add_(1)
         self.index.add_(1)
 
-    def patch_then_step_fused(self, n_bytes: int | None = None, step: bool = True) -> None:
+    def patch_then_step_fused(self, n_prefilled: int = 0, n_bytes: int | None = None, step: bool = True) -> None:
         """patch_then_step in the fused kernels only: the patch (prepared by the previous patch_feature or the
         prefill), embed_patch, the patch decoder's blocks, patch_feature."""
         from bytedeploy.plugins.decode_kernels import blocks_step, embed_patch, patch_feature
 
         model, decoder, stack = self.model, self.decoder, self.model.patch_decoder
-        decoder.decode_fused(prepared=True, n_steps=n_bytes)
+        decoder.decode_fused(prepared=True, n_steps=n_bytes, n_prefilled=n_prefilled)
         embed_patch(decoder.patch, self.done, self.out, self.all_done, self.index, self.pos, self.slot,
                     model.patch_embedding, stack.wpe.weight, self.patch_x, SPECIAL)
         if not step:
@@ -177,13 +174,16 @@ class BgptRunner:
             ) -> tuple[torch.Tensor, int]:
         """-> (generated patches (B, n, P) with the forced tail bytes still in front, n). last_bytes: of the last
         patch (max_patches - 1) only these first bytes are asked for [all]."""
-        last = self.last_graph(last_bytes or self.out.size(2))
+        k, P = len(tail), self.out.size(2)
+        last_bytes = last_bytes or P
+        graphs = [self.edge_graph(k, last_bytes if max_patches == 1 else P, max_patches > 1)]
+        if max_patches > 1:
+            graphs += [self.graph] * (max_patches - 2) + [self.edge_graph(0, last_bytes, False)]
         self.generator.manual_seed(seed)
-        k = len(tail)
         self.prefill(prompt, tail)
         n = 0
         for j in range(max_patches):
-            (last if j == max_patches - 1 else self.graph).replay()
+            graphs[j].replay()
             self.done_host[j].copy_(self.all_done, non_blocking=True)
             self.done_events[j].record()
             n = j + 1

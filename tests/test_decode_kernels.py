@@ -134,9 +134,10 @@ def check_patch_decode_fused_equals_torch(device, n_embd=16, n_head=2, n_layer=1
     fused_and_torch_patches(model, sampled, feature, forced)
 
 
-def check_partial_patch_is_the_patch_prefix(device, n_embd=16, n_head=2, patch_size=4):
+def check_patch_edges_equal_the_whole_patch(device, n_embd=16, n_head=2, patch_size=4):
     """PatchDecoder.decode(n_steps) (a run's last patch, of which fewer bytes were asked for), fused and torch path,
-    greedy and seeded sampling: the full patch's first n_steps bytes, then SPECIAL."""
+    greedy and seeded sampling: the full patch's first n_steps bytes, then SPECIAL. decode(n_prefilled=k) (a run's
+    first patch, whose k forced bytes go through in one pass): the step-by-step patch and cache."""
     cfg = bgpt.Config(patch_size=patch_size, n_patches=4, n_embd=n_embd, n_layer=1, n_head=n_head, byte_n_layer=1,
                       byte_n_head=n_head)
     torch.manual_seed(1)
@@ -163,6 +164,24 @@ def check_partial_patch_is_the_patch_prefix(device, n_embd=16, n_head=2, patch_s
                 for n_steps in (1, patch_size - 1):
                     assert torch.equal(patches[n_steps][:, :n_steps], full[:, :n_steps]), (kernels, n_steps)
                     assert (patches[n_steps][:, n_steps:] == SPECIAL).all()
+            # forced bytes prefilled with the feature in one pass: greedy, the patch and the byte decoder's cache
+            # of the step-by-step decode (a seeded draw differs: step by step draws at the forced steps too)
+            decoder = PatchDecoder(model, 3, SamplingConfig(temperature=0.0), use_graph=False)
+            decoder.feature.copy_(feature)
+            for k in (1, patch_size - 1):
+                decoder.forced[:, :k] = torch.arange(k, device=device) + 65
+                decoder.n_forced.fill_(k)
+                results = {}
+                for n_prefilled in (0, k):
+                    with torch.no_grad():
+                        decoder.decode(n_prefilled=n_prefilled)
+                    results[n_prefilled] = [decoder.patch.clone()] + [t.clone() for c in decoder.caches
+                                                                      for t in (c.k, c.v)]
+                stepwise, prefilled = results[0], results[k]
+                assert torch.equal(prefilled[0], stepwise[0]), (kernels, k, prefilled[0], stepwise[0])
+                assert (prefilled[0][:, :k] == decoder.forced[:, :k]).all()
+                for a, b in zip(prefilled[1:], stepwise[1:]):
+                    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     finally:
         native.KERNELS = saved
 
@@ -272,8 +291,8 @@ def test_attention_equals_qkv_attention_on_gpu(dtype, atol):
 
 
 @cuda
-def test_partial_patch_is_the_patch_prefix_on_gpu():
-    check_partial_patch_is_the_patch_prefix("cuda")
+def test_patch_edges_equal_the_whole_patch_on_gpu():
+    check_patch_edges_equal_the_whole_patch("cuda")
 
 
 @cuda
@@ -345,12 +364,12 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from test_decode_kernels import (check_attention_equals_qkv_attention, check_first_qkv_follows_weights,
-                                     check_fused_equals_torch, check_partial_patch_is_the_patch_prefix,
+                                     check_fused_equals_torch, check_patch_edges_equal_the_whole_patch,
                                      check_patch_decode_fused_equals_torch, check_patch_glue_equals_torch)
     check_fused_equals_torch("cpu", torch.float32, n_embd=24, n_head=2, n_layer=1, steps=5, batch_sizes=(2,))
     check_attention_equals_qkv_attention("cpu")
     check_first_qkv_follows_weights("cpu")
-    check_partial_patch_is_the_patch_prefix("cpu")
+    check_patch_edges_equal_the_whole_patch("cpu")
     check_patch_decode_fused_equals_torch("cpu")
     check_patch_glue_equals_torch("cpu")
     print("interpreter ok")

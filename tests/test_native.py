@@ -83,19 +83,22 @@ def test_bgpt_last_patch_bytes_are_those_asked_for():
 
 @cuda
 @pytest.mark.parametrize("kernels", ["auto", "torch"])
-def test_bgpt_native_last_patch_decodes_only_the_bytes_asked_for(kernels):
-    """The last patch's graph stops at the last byte asked for and skips the patch decoder's step after it; the
-    output still equals eager's, on the fused kernels and on the torch path."""
+def test_bgpt_native_first_and_last_patches_equal_eager(kernels):
+    """A run's first patch prefills its forced bytes in one pass; its last one stops at the last byte asked for
+    and skips the patch decoder's step after it. The output still equals eager's, on the fused kernels and on the
+    torch path."""
     model, cfg = bgpt_model()
     saved = native.KERNELS
     native.KERNELS = kernels
-    try:
-        for prompt, max_new in ((b"abcdefg", 2), (b"abc", 61), (b"abc", 60)):  # last patch: 1, 8 and 7 bytes
+    try:  # (forced bytes, bytes of the last patch): (7, 1), (3, 8), (3, 7), one patch (3, 5)
+        for prompt, max_new in ((b"abcdefg", 2), (b"abc", 61), (b"abc", 60), (b"abc", 2)):
             request = GenerateRequest(prompt, max_new, 2, GREEDY)
             assert native.generate(model, cfg, "bgpt", request).outputs == bgpt.generate(model, cfg, request).outputs
         runner = next(iter(model.__dict__[native.RUNNERS_ATTRIBUTE].values()))
         assert runner.decoder.fused == (kernels == "auto")
-        assert sorted(runner.last_graphs) == [1, 7, 8]
+        # (forced bytes prefilled, bytes decoded, patch decoder step after?): the first and last patches' graphs
+        assert set(runner.edge_graphs) == {(0, 8, True), (7, 8, True), (0, 1, False), (3, 8, True), (0, 8, False),
+                                           (0, 7, False), (3, 2 + 3, False)}
     finally:
         native.KERNELS = saved
 
