@@ -4,7 +4,8 @@ For each backend and batch size: one untimed warm-up call (it also captures the 
 then `repeats` timed calls; the row keeps the median. A row reports
 
   latency_ms_per_token  seconds per decode step (a step makes one token, or byte, for every row of the batch)
-  latency_ms_per_patch  bGPT: seconds per generated patch (patch_size bytes per row)
+  latency_ms_per_patch  bGPT: seconds per patch_size new bytes of a row (not per patch stepped: the native loop's
+                        first patch prefills the prompt's forced bytes and its last decodes only the bytes asked for)
   tokens_per_s          new tokens of the whole batch per second (the throughput)
   peak_gpu_memory_mb    torch.cuda.max_memory_allocated over the row's calls (reset per row; PyTorch's allocator
                         only: ONNX Runtime and TensorRT allocate their own memory)
@@ -24,7 +25,7 @@ torch.compile inside the graphs), and on an exported bundle (--bundle) ort, ort-
 here is kept with status "skipped" and the reason; nothing crashes the run.
 
 bGPT also gets the bandwidth bound: the weight bytes one patch reads (the patch decoder once, the byte decoder and
-its LM head once per byte) divided by BANDWIDTH_BYTES_PER_S, against the measured time per patch at batch 1.
+its LM head once per byte) divided by BANDWIDTH_BYTES_PER_S, against the measured latency_ms_per_patch.
 """
 
 from __future__ import annotations
@@ -212,9 +213,9 @@ def add_derived(result: dict, model, cfg, bc: BenchConfig) -> None:
     tail = len(bc.prompt) % P if is_bgpt and P and not bc.options.get("input") else 0
     for row in rows:
         if is_bgpt:
-            patches = row.get("extra", {}).get("patches") or math.ceil((row["new"] / row["batch_size"] + tail) / P)
-            row["patches"] = patches
-            row["latency_ms_per_patch"] = 1e3 * row["seconds"] / max(patches, 1)
+            row_bytes = row["new"] / row["batch_size"]
+            row["patches"] = row.get("extra", {}).get("patches") or math.ceil((row_bytes + tail) / P)
+            row["latency_ms_per_patch"] = 1e3 * row["seconds"] * P / max(row_bytes, 1)
         for base in ("eager-reference", "eager"):
             same = next((r for r in rows if r["backend"] == base and r["batch_size"] == row["batch_size"]), None)
             if same is not None and row["backend"] != base:
