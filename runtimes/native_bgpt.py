@@ -2,7 +2,9 @@
 
 The graph holds the fused patch decode (bytedeploy.plugins.patch_decode.PatchDecoder.decode: the patch's byte
 steps) and then the patch decoder's step on the new patch, whose last hidden state is the next patch's feature.
-Rows that are done (emitted 256) get all-256 patches, as in bgpt.generate_cached. The host reads one flag per
+Rows that are done (emitted 256) get all-256 patches, as in bgpt.generate_cached. A run's first and last patches
+have graphs of their own (BgptRunner.edge_graph): the first prefills the prompt's forced bytes with the feature in
+one pass, the last decodes only the bytes asked for and no patch decoder step after it. The host reads one flag per
 patch (all rows done?), one patch late so that the next replay is already queued, and otherwise only launches
 replays. The prompt's prefill through the patch decoder is a captured graph as well (one per prompt length; a
 prompt of one or two patches runs through the fused kernels a patch at a time, as generated patches do). At
@@ -27,6 +29,7 @@ from bytedeploy.runtimes.native import cached_runner, capture, gpt2_step, sampli
 from bytedeploy.sampling import make_generator
 
 MAX_PREFILL_GRAPHS = 8  # captured prompt prefills kept per runner (one per prompt length), the oldest dropped first
+MAX_EDGE_GRAPHS = 16  # captured first / last patch graphs kept per runner besides the patch graph, the oldest first
 # Prompts of at most this many patches are prefilled one patch at a time in the fused kernels rather than by the
 # torch forward pass. bGPT base, float32, H200, GPU time of the captured prefill: 1 patch 0.295 ms fused vs 0.634 ms
 # torch, 2 patches 0.464 vs 0.827; 4 patches 0.847 vs 0.778, 8 patches 1.650 vs 1.102 (the torch pass wins)
@@ -137,6 +140,8 @@ class BgptRunner:
         what the warm-up touched."""
         key = (n_prefilled, n_bytes, step)
         if key not in self.edge_graphs:
+            if len(self.edge_graphs) > MAX_EDGE_GRAPHS:  # each holds its own memory pool; the patch graph stays
+                del self.edge_graphs[next(k for k in self.edge_graphs if self.edge_graphs[k] is not self.graph)]
             self.edge_graphs[key] = capture(lambda: self.patch_then_step(*key), self.generator)
         return self.edge_graphs[key]
 

@@ -104,6 +104,22 @@ def test_bgpt_native_first_and_last_patches_equal_eager(kernels):
 
 
 @cuda
+def test_bgpt_native_keeps_few_edge_graphs(monkeypatch):
+    """Past MAX_EDGE_GRAPHS the oldest first / last patch graph is dropped (each holds a memory pool), never the
+    patch graph; a dropped one is captured again when asked for."""
+    from bytedeploy.runtimes import native_bgpt
+
+    monkeypatch.setattr(native_bgpt, "MAX_EDGE_GRAPHS", 2)
+    model, cfg = bgpt_model()
+    for prompt, max_new in ((b"abcdefg", 2), (b"abc", 60), (b"abc", 2), (b"abcdefg", 2)):
+        request = GenerateRequest(prompt, max_new, 1, GREEDY)
+        assert native.generate(model, cfg, "bgpt", request).outputs == bgpt.generate(model, cfg, request).outputs
+        runner = next(iter(model.__dict__[native.RUNNERS_ATTRIBUTE].values()))
+        assert len(runner.edge_graphs) <= 3 and runner.edge_graphs[(0, 8, True)] is runner.graph
+    assert set(runner.edge_graphs) == {(0, 8, True), (7, 8, True), (0, 1, False)}
+
+
+@cuda
 def test_bgpt_short_prompt_prefill_in_the_fused_kernels_equals_the_torch_pass():
     """A prompt of few patches is prefilled one patch at a time in the fused kernels; the first feature and the
     patch decoder's cache equal those of the torch forward pass (what longer prompts take)."""
