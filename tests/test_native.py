@@ -104,6 +104,18 @@ def test_bgpt_native_first_and_last_patches_equal_eager(kernels):
 
 
 @cuda
+def test_bgpt_native_compile_equals_eager():
+    """options compile: torch.compile's kernels in the graphs instead of the fused ones, first and last patches
+    included (3 forced bytes, a last patch of 7)."""
+    model, cfg = bgpt_model()
+    request = GenerateRequest(b"abc", 20, 2, GREEDY, {"compile": True})
+    result = native.generate(model, cfg, "bgpt", request)
+    assert result.extra["compile"] and result.outputs == bgpt.generate(model, cfg, request, "eager").outputs
+    runner = next(iter(model.__dict__[native.RUNNERS_ATTRIBUTE].values()))
+    assert not runner.decoder.fused and set(runner.edge_graphs) == {(0, 8, True), (3, 8, True), (0, 7, False)}
+
+
+@cuda
 def test_bgpt_native_keeps_few_edge_graphs(monkeypatch):
     """Past MAX_EDGE_GRAPHS the oldest first / last patch graph is dropped (each holds a memory pool), never the
     patch graph; a dropped one is captured again when asked for."""
