@@ -1,6 +1,6 @@
 """Time the BitLinear W2A8 kernel against fp16 F.linear and the integer reference, all in one run (GPU).
 
-    python -m bytedeploy.benchmarks.bitlinear_kernels --out benchmarks/results/bitlinear-h100.json
+    python -m bytedeploy.benchmarks.bitlinear_kernels --out benchmarks/results/h100-bitlinear.json
 
 For each weight shape (N, K) and token count M: ternary weights (packed 2-bit for the kernel, the same values times
 beta in fp16 for F.linear), fp16 activations. Every kernel is checked bitwise against bitlinear_int first.
@@ -225,7 +225,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bitlinear-h100.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/h100-bitlinear.json"))
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES),
                         help="comma-separated NxK (out x in features)")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts M")

@@ -1,6 +1,6 @@
 """The fused GPT-2 decode kernels (plugins/decode_kernels.py) against the torch path, on a GPU.
 
-    python -m bytedeploy.benchmarks.decode_kernels --out benchmarks/results/decode-kernels-h200.json
+    python -m bytedeploy.benchmarks.decode_kernels --out benchmarks/results/h200-decode-kernels.json
 
 For GPT-2-small-shaped stacks (char GPT-2 toy: 12 x 768; bGPT's byte decoder: 3 x 768), batch 1, float32 and
 bfloat16: one gpt2_step (all blocks, one new token at a middle cache slot) captured as a CUDA graph and replayed

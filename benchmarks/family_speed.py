@@ -1,7 +1,7 @@
 """Train a family for a few hundred steps, then time generation at batch 1 with each of its backends, in one run.
 
     python -m bytedeploy.benchmarks.family_speed --family bgpt --preset base --steps 300 \
-        --out benchmarks/results/bgpt-base.json
+        --out benchmarks/results/h100-train-bgpt-base.json
 
 Training throughput is targets (bytes, chars, tokens) per second over the steps after the first 10 (warm-up and
 CUDA initialisation excluded). Generation uses greedy decoding so every backend produces the same tokens, after one

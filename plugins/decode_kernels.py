@@ -470,9 +470,9 @@ if triton is not None:
 # num_warps); other shapes, dtypes and GPUs autotune. The autotuner's picks differ from process to process and so
 # did a bGPT-base patch: 0.90 to 1.06 ms in float32 on an H200. These are bGPT base's (768-wide), float32 and
 # bfloat16, from a coordinate descent over each kernel's configs timed as whole-patch graph replays on an H200
-# (benchmarks/bgpt_config_sweep.py; float32 0.872 ms per patch after the autotuner's 0.985 in the same process,
-# bfloat16 0.790 after 0.805): a kernel's time there depends on its neighbours, how much of the next kernel fits
-# beside it, which Triton's one-kernel-at-a-time timing does not see.
+# (benchmarks/experiments/bgpt_config_sweep.py; float32 0.872 ms per patch after the autotuner's 0.985 in the same
+# process, bfloat16 0.790 after 0.805): a kernel's time there depends on its neighbours, how much of the next kernel
+# fits beside it, which Triton's one-kernel-at-a-time timing does not see.
 PINNED_CONFIGS = {
     (9, 0, 132): {
         ("ln_linear", (768, 768, False, True, ACT_NONE), torch.float32): (1, 4),  # attention's c_proj

@@ -11,7 +11,7 @@ L2; there it picked the 3.1 and 8.1 us configs.
 
 The decode kernels (plugins/decode_kernels.py) keep Triton's default timing (graph=False): graph timing made a
 bGPT-base patch 2-3% faster but sigma-GPT's burst passes 1.5x slower
-(benchmarks/results/sigma-gpt-autotune-timing-h200.json).
+(benchmarks/results/h200-sigma-gpt-autotune-timing.json).
 
 Env BYTEDEPLOY_AUTOTUNE_GRAPH=0 turns graph timing off everywhere (read at import).
 """
