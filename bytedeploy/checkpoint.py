@@ -5,16 +5,17 @@
   train_state.pt      optimizer state, RNG states and step (only while training may resume)
   assets/             family files that deployment needs (tokenizer models, vocabularies)
 
-Saves go to a temporary sibling directory that then replaces the old one, so a crash never leaves a half-written
-checkpoint and never destroys the last good one.
+Saves go to a temporary sibling directory that then replaces the old one (bytedeploy/staging.py), so a crash or a
+full disk never leaves a half-written checkpoint and never destroys the last good one. Folders and files get the
+modes an ordinary mkdir and open give (0755 / 0644 under the usual umask 022).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import pickle
 import shutil
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from bytedeploy import __version__
 from bytedeploy.config import config_from_dict, config_to_dict
 from bytedeploy.errors import UserError
 from bytedeploy.registry import get_family
+from bytedeploy.staging import replace_dir, set_default_modes, staging_dir, write_error
 
 FORMAT = "bytedeploy-checkpoint"
 FORMAT_VERSION = 1
@@ -50,31 +52,38 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, family: str, model_config, meta: dict | None = None,
                     train_state: dict | None = None, assets: dict[str, Path | bytes] | None = None) -> Path:
-    """Write a checkpoint folder at path, replacing an earlier checkpoint there (never any other folder)."""
+    """Write a checkpoint folder at path, replacing an earlier checkpoint there (never any other folder). A write
+    that fails (a full disk) is a one-line UserError, and the earlier checkpoint stays as it was."""
     path = Path(path).absolute()
     check_replaceable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    for name in assets or {}:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"asset name {name!r} must be a relative path inside the assets folder")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "bytedeploy_version": __version__,
+           "family": family, "model_config": config_to_dict(model_config), "meta": meta or {}}
+    tmp = None
     try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = staging_dir(path)
         save_file(_untie(state), tmp / WEIGHTS, metadata={"format": FORMAT, "family": family})
-        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "bytedeploy_version": __version__,
-               "family": family, "model_config": config_to_dict(model_config), "meta": meta or {}}
         (tmp / CONFIG).write_text(json.dumps(doc, indent=2, default=str))
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
         for name, src in (assets or {}).items():
             dst = tmp / ASSETS / name
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise ValueError(f"asset name {name!r} must be a relative path inside the assets folder")
             dst.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(src, bytes):
                 dst.write_bytes(src)
             else:
                 shutil.copyfile(src, dst)
-        _replace_dir(tmp, path)
+        set_default_modes(tmp)
+        replace_dir(tmp, path)
+    except (OSError, SafetensorError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        raise UserError(f"cannot save the checkpoint to {path}: {write_error(e)}; {path} is as it was") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -94,22 +103,6 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     return out
-
-
-def _replace_dir(new: Path, dst: Path) -> None:
-    """Swap the finished folder in; if that fails, the old checkpoint goes back where it was."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    try:
-        os.replace(new, dst)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dst)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -172,20 +165,34 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
 
 def read_train_state(path: str | Path) -> dict:
-    """train_state.pt -> {"optimizer", "step", "rng" (one state per rank), "history"}."""
+    """train_state.pt -> {"optimizer", "step", "rng" (one state per rank), "history"}, and "world_size" (the number
+    of ranks that trained it; older files lack it) that lets training resume on another number of ranks."""
     f = Path(path) / TRAIN_STATE
     if not f.is_file():
         raise UserError(f"checkpoint {path} has no {TRAIN_STATE}: it cannot resume training")
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=True)  # tensors and plain data: runs no code
-    except Exception as e:  # torch raises many types for a damaged or unsafe pickle/zip
-        raise UserError(f"corrupt training state {f}: {str(e).splitlines()[0]}") from None
+    state = load_plain_torch_file(f, "training state")
     keys = ("optimizer", "step", "rng", "history")
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise UserError(f"corrupt training state {f}: expected the keys {', '.join(keys)}")
     if isinstance(state["rng"], dict):  # written by one process before per-rank states
         state["rng"] = [state["rng"]]
     return state
+
+
+def load_plain_torch_file(path: str | Path, what: str):
+    """torch.load of tensors and plain data only: a file from elsewhere runs no code. Anything else is a one-line
+    UserError that never passes on torch's advice to load the file with weights_only=False."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except Exception as e:  # torch raises many types for a damaged zip or a pickle it refuses
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in reason:
+            reason = "not a PyTorch file of tensors and plain data (other objects are never unpickled)"
+        raise UserError(f"cannot read {what} {path}: {reason}") from None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -46,6 +46,7 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", bit
     from bytedeploy.checkpoint import load_model
     from bytedeploy.config import config_to_dict
     from bytedeploy.exporters.bundle import DEFAULT_OPSET, MIN_OPSET, PRECISIONS, StagedBundle, write_manifest
+    from bytedeploy.staging import write_error
 
     opset = opset or DEFAULT_OPSET
     if opset < MIN_OPSET:
@@ -63,13 +64,20 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", bit
     options = {} if patch_decode is None else {"patch_decode": patch_decode}  # only bgpt's exporter takes it
     if precision == "fp16":
         model = model.half()
-    with StagedBundle(out, force) as folder:
-        if ckpt.assets.is_dir():
-            shutil.copytree(ckpt.assets, folder / "assets")
-        with torch.no_grad():
-            graphs, extra = exporter.export_graphs(model, cfg, folder, precision, bitlinear, opset, **options)
-        # A family may raise the opset (BitNet qdq: INT4 DequantizeLinear needs 21) and resolve the bitlinear default.
-        opset, bitlinear = extra.pop("opset", opset), extra.pop("bitlinear", bitlinear)
-        bundle = write_manifest(folder, ckpt.family, config_to_dict(cfg), graphs, opset, precision, bitlinear, extra)
+    try:
+        with StagedBundle(out, force) as folder:
+            if ckpt.assets.is_dir():
+                shutil.copytree(ckpt.assets, folder / "assets")
+            with torch.no_grad():
+                graphs, extra = exporter.export_graphs(model, cfg, folder, precision, bitlinear, opset, **options)
+            # A family may raise the opset (BitNet qdq: INT4 DequantizeLinear needs 21) and resolve the bitlinear
+            # default.
+            opset, bitlinear = extra.pop("opset", opset), extra.pop("bitlinear", bitlinear)
+            if ckpt.family == "bgpt" and "data_options" in ckpt.meta:  # what generate --input/--to may ask of it
+                extra["conversion"] = ckpt.meta["data_options"].get("conversion")
+            bundle = write_manifest(folder, ckpt.family, config_to_dict(cfg), graphs, opset, precision, bitlinear,
+                                    extra)
+    except OSError as e:  # a full disk, a folder that cannot be written
+        raise UserError(f"cannot write the bundle {out}: {write_error(e)}; {out} is as it was") from None
     bundle.path = Path(out)
     return bundle

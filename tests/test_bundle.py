@@ -1,133 +1,102 @@
-"""Bad bundles and bad export targets: each is a one-line 'Error: ...' naming the problem, exit status 1, and
-nothing written or overwritten."""
+"""The bundle format's own guarantees: bundle.json covers itself whatever its layout, a failed export or swap leaves
+the old bundle as it was, and replacing a bundle keeps the files export did not write. (Bad bundles through the
+CLI, one line each: tests/test_bad_input.py.)"""
 
 import json
+import os
 import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from bytedeploy.checkpoint import save_checkpoint
-from bytedeploy.cli import cli
+from bytedeploy.errors import UserError
+from bytedeploy.exporters import bundle as bd
+from bytedeploy.exporters import export
 from bytedeploy.models import bgpt
+
+SMALL = dict(patch_size=8, n_patches=12, n_embd=32, n_layer=1, n_head=4, byte_n_layer=1, byte_n_head=4)
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    """(checkpoint, bundle) of an untrained tiny bGPT."""
+    """(checkpoint, bundle) of an untrained small bGPT."""
     root = tmp_path_factory.mktemp("bundle")
-    cfg = bgpt.Config(**bgpt.PRESETS["tiny"])
+    cfg = bgpt.Config(**SMALL)
     torch.manual_seed(0)
     ckpt = save_checkpoint(root / "ckpt", bgpt.Model(cfg), "bgpt", cfg)
-    result = CliRunner().invoke(cli, ["export", str(ckpt), "-o", str(root / "bundle")])
-    assert result.exit_code == 0, result.output
+    export(ckpt, root / "bundle")
     return ckpt, root / "bundle"
 
 
-def one_line_error(result, *words):
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 1, result.output
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
+def tree(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def edit_manifest(bundle, change):
-    doc = json.loads((bundle / "bundle.json").read_text())
-    change(doc)
-    (bundle / "bundle.json").write_text(json.dumps(doc))
-
-
-def set_custom_op(op):
-    def change(doc):
-        doc["graphs"][2]["custom_ops"] = [op]
-    return change
-
-
-def append_byte(path):
-    with open(path, "ab") as f:
-        f.write(b"\0")
-
-
-BAD_BUNDLES = {
-    "other version": (lambda b: edit_manifest(b, lambda d: d.update(bytedeploy_version="0.0.1")),
-                      ["written by bytedeploy 0.0.1", "export it again"]),
-    "missing graph": (lambda b: (b / "onnx" / "byte_step.onnx").unlink(), ["missing onnx/byte_step.onnx"]),
-    "edited graph": (lambda b: append_byte(b / "onnx" / "patch_decode.onnx"),
-                     ["onnx/patch_decode.onnx", "sha256 mismatch"]),
-    "old opset": (lambda b: edit_manifest(b, lambda d: d.update(opset=17)), ["opset 17", "opset 18 or newer"]),
-    "unknown bytedeploy op": (lambda b: edit_manifest(b, set_custom_op("bytedeploy::Nope")),
-                              ["byte_step", "'bytedeploy::Nope'"]),
-    "foreign op": (lambda b: edit_manifest(b, set_custom_op("foo::Bar")), ["'foo::Bar'", "does not implement"]),
-    "unknown precision": (lambda b: edit_manifest(b, lambda d: d.update(precision="fp8")), ["precision 'fp8'"]),
-    "bad model config": (lambda b: edit_manifest(b, lambda d: d.update(model_config=[1, 2])), ["model_config"]),
-    "unknown family": (lambda b: edit_manifest(b, lambda d: d.update(family="gpt5")), ["unknown model family"]),
-}
-
-
-@pytest.mark.parametrize("command", ["generate", "verify"])
-@pytest.mark.parametrize("bad", list(BAD_BUNDLES))
-def test_bad_bundle_is_refused(good, tmp_path, bad, command):
-    ckpt, bundle = good
-    copy = tmp_path / "bundle"
-    shutil.copytree(bundle, copy)
-    spoil, words = BAD_BUNDLES[bad]
-    spoil(copy)
-    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
-    if command == "generate":
-        args = ["generate", str(copy), "--max-new", "4", "-o", str(tmp_path / "out.txt")]
-    else:
-        args = ["verify", str(ckpt), str(copy)]
-    one_line_error(CliRunner().invoke(cli, args), *words)
-    assert not (tmp_path / "out.txt").exists()
-    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
-
-
-def test_edited_manifest_file_list_is_refused(good, tmp_path):
-    """A graph the manifest lists but does not hash cannot slip past the sha256 check."""
+def test_the_manifest_digest_is_of_its_content_not_its_layout(good, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(good[1], copy)
-    edit_manifest(copy, lambda d: d["files"].pop("onnx/byte_step.onnx"))
-    one_line_error(CliRunner().invoke(cli, ["generate", str(copy)]), "byte_step", "not in the manifest")
+    doc = json.loads((copy / bd.MANIFEST).read_text())
+    assert doc[bd.MANIFEST_DIGEST] == bd.manifest_digest(doc)
+    (copy / bd.MANIFEST).write_text(json.dumps(dict(reversed(list(doc.items()))), indent=None))  # same content
+    assert bd.load_bundle(copy).graphs.keys() == {"patch_prefill", "patch_decode", "byte_patch_greedy", "byte_patch"}
+    (copy / bd.MANIFEST).write_text(json.dumps(dict(doc, opset=19)))
+    with pytest.raises(UserError, match="bundle.json was edited after export"):
+        bd.load_bundle(copy)
 
 
-def test_export_into_a_folder_that_is_not_a_bundle(good, tmp_path):
-    ckpt, _ = good
-    out = tmp_path / "notes"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    for extra in ([], ["--force"]):
-        one_line_error(CliRunner().invoke(cli, ["export", str(ckpt), "-o", str(out), *extra]), "is not a bundle")
-        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no staging folder left behind
-
-
-def test_export_over_a_bundle_needs_force(good, tmp_path):
-    ckpt, bundle = good
-    copy = tmp_path / "bundle"
-    shutil.copytree(bundle, copy)
-    manifest = (copy / "bundle.json").read_bytes()
-    one_line_error(CliRunner().invoke(cli, ["export", str(ckpt), "-o", str(copy)]), "exists", "--force")
-    assert (copy / "bundle.json").read_bytes() == manifest
-
-
-def test_export_of_a_missing_checkpoint(tmp_path):
-    out = tmp_path / "bundle"
-    one_line_error(CliRunner().invoke(cli, ["export", str(tmp_path / "nope"), "-o", str(out)]),
-                   "checkpoint not found", "nope")
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-
-
-def test_not_a_bundle(tmp_path):
-    (tmp_path / "bundle.json").write_text("{\"format\": \"something else\"}")
-    one_line_error(CliRunner().invoke(cli, ["generate", str(tmp_path)]), "not a bytedeploy bundle")
-
-
-def test_a_graph_the_loop_needs_left_out_of_the_manifest(good, tmp_path):
+def test_a_failed_export_leaves_the_old_bundle_and_no_staging_folder(good, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(good[1], copy)
-    edit_manifest(copy, lambda d: d["graphs"].pop(2))  # byte_step
-    result = CliRunner().invoke(cli, ["generate", str(copy), "--max-new", "4"])
-    one_line_error(result, "no graph 'byte_step'", "it has patch_prefill, patch_decode")
+    before = tree(copy)
+    with pytest.raises(RuntimeError, match="exporter broke"):
+        with bd.StagedBundle(copy, force=True) as folder:
+            (folder / "onnx").mkdir()
+            (folder / "onnx" / "prefill.onnx").write_bytes(b"half")
+            raise RuntimeError("exporter broke")
+    assert tree(copy) == before and [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_a_failed_swap_puts_back_the_old_bundle_and_the_carried_files(good, tmp_path, monkeypatch):
+    copy = tmp_path / "bundle"
+    shutil.copytree(good[1], copy)
+    (copy / "notes.txt").write_text("mine")
+    (copy / "engines").mkdir()
+    (copy / "engines" / "byte_patch.engine").write_bytes(b"engine")
+    before = tree(copy)
+    real_replace = os.replace
+
+    def replace(src, dst):  # the bundle folder itself cannot move in (the files carried into it could)
+        if str(dst) == str(copy) and ".tmp-" in str(src):
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    staged = bd.StagedBundle(copy, force=True)
+    assert sorted(staged.carried) == ["engines/byte_patch.engine", "notes.txt"]
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"):
+        with staged as folder:
+            (folder / "onnx").mkdir()
+            (folder / "onnx" / "new.onnx").write_bytes(b"new")
+    monkeypatch.undo()
+    assert tree(copy) == before and [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_replacing_a_bundle_whose_manifest_is_unreadable_is_refused(good, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(good[1], copy)
+    (copy / bd.MANIFEST).write_text("{not json")
+    with pytest.raises(UserError, match="cannot tell the bundle's files from others"):
+        bd.StagedBundle(copy, force=True)
+
+
+def test_config_sizes_name_the_fields_each_graph_fixes():
+    config = dict(SMALL, n_embd=32)
+    assert bd.config_sizes("bgpt", "patch_decode", "past_k.0", config) == [(1, "n_head", 4), (3, "n_embd / n_head", 8)]
+    assert bd.config_sizes("bgpt", "patch_decode", "present_v.11", config) == [
+        (1, "n_head", 4), (3, "n_embd / n_head", 8)]
+    assert bd.config_sizes("bgpt", "byte_patch", "logits", config) == []  # bGPT's 257 symbols are no config field
+    assert bd.config_sizes("bgpt", "patch_prefill", "feature_out", config) == [(-1, "n_embd", 32)]
+    assert bd.config_sizes("bfn", "step", "log_theta", {"vocab_size": 256, "seq_len": 32}) == [
+        (-1, "vocab_size", 256), (1, "seq_len", 32)]
+    assert bd.config_sizes("char-gpt2", "decode", "logits", {"block_size": 16}) == []  # a field missing: no check

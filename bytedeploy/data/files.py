@@ -71,6 +71,8 @@ def read_folder(root: Path, suffix: str | None = None, skip_dirs: tuple[str, ...
         records.append(FileRecord(rel.as_posix(), p.read_bytes()))
     if not records:
         raise UserError(f"no files found under {root}")
+    if not any(r.data for r in records):
+        raise UserError(f"every file under {root} is empty ({len(records)} files): no data to read")
     return records
 
 

@@ -124,6 +124,9 @@ def train_cmd(data_spec, vocab_size, first_mb, eval_split, out, force):
     """Train a BPE tokenizer (bos 0, eos 1, pad 2, unk 3, one piece per digit) on a corpus."""
     try:
         path = model_path(out)
+        if path != Path(out) and Path(out).exists():
+            raise UserError(f"{out} exists: -o takes the model's path (FILE.model) or a prefix that names no file "
+                            "(FILE, written as FILE.model)")
         if path.exists() and not force:
             raise UserError(f"{path} exists; use --force to overwrite it")
         text = load_training_text(data_spec, first_mb, eval_split)
