@@ -2,8 +2,15 @@
 
     ENGINES/NAME.engine   serialized engine, one per bundle graph, one optimization profile each
     ENGINES/NAME.json     what the loader (runtimes/trt.py) checks before running it: TensorRT module and version,
-                          GPU compute capability, plugins, profile ranges, sha256 of the graph it came from
+                          GPU compute capability, plugins and the plugin library, profile ranges, sha256 of the graph
+                          it came from
     ENGINES/timing.cache  TensorRT timing cache, read and updated (full TensorRT only)
+
+Plugins (graphs exported with --bitlinear plugin or --patch-decode plugin): the C++ library
+libbytedeploy_trt_plugins.so (plugins/trt/, built by `python -m bytedeploy.plugins.build_trt`) when it exists:
+--plugins PATH, else the one built beside the package (plugins/trt/build/). TensorRT loads it with
+IPluginRegistry.load_library, and the engine metadata records its path and sha256 ("plugin_library"). Without it,
+the Python plugins of plugins/trt_plugins.py (which need torch) are registered instead, recorded as "python".
 
 The module is ``tensorrt`` (TensorRT 10) when it imports and is not a stub, else ``tensorrt_rtx``. TensorRT-RTX
 builds ahead of time without a GPU (the engine is JIT-specialized on the target RTX GPU when loaded) but has no
@@ -17,12 +24,12 @@ Profile ranges come from each input's named dynamic axes and the model config:
     other length axes                1 .. L     ("seq", "patches", "positions", "new", "bytes", ...)
 
 L is the model's context (block_size, n_patches or seq_len; --max-len lowers it); opt is the middle of each range.
-Axes that depend on each other get their ranges per graph in ``graph_axes`` (bGPT's byte_step: patch_size + 1
-byte positions, opt = one byte per step).
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import importlib
 import json
 import os
@@ -35,12 +42,15 @@ import click
 import bytedeploy
 from bytedeploy.errors import UserError
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS, PRECISIONS, Bundle, GraphSpec, load_bundle
+from bytedeploy.plugins.build_trt import default_library
 
 INSTALL_HINT = 'pip install "bytedeploy[trt]" (TensorRT 10, on a GPU machine) or "bytedeploy[trt-rtx]" (TensorRT-RTX)'
 RTX_COMPUTE_CAPABILITY = "ahead-of-time, no GPU"
 CONTEXT_KEYS = ("block_size", "n_patches", "seq_len")  # the model's context length, by family
 LENGTH_AXES = ("seq", "tokens", "patches", "positions", "new", "len", "length", "bytes", "queries")
 BYTEDEPLOY_PLUGIN_VERSION = {op: str(v) for op, v in CUSTOM_OPS.items()}
+PYTHON_PLUGINS = "python"  # engine metadata "plugin_library" when the Python plugins were registered
+CUDA_DEVICE_ATTRIBUTE_CC_MAJOR, CUDA_DEVICE_ATTRIBUTE_CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor/Minor
 
 
 # ---- the TensorRT module ----------------------------------------------------------------------------------------
@@ -82,13 +92,26 @@ def make_logger(trt):
     return Logger()
 
 
-def cuda_compute_capability() -> str | None:
-    import torch
+def cudart():
+    """The CUDA runtime library through polygraphy's ctypes wrapper (no torch), or None where it does not load."""
+    from polygraphy import cuda
 
-    if not torch.cuda.is_available():
+    try:
+        return cuda.wrapper().handle
+    except Exception:  # an OSError from ctypes, or polygraphy's own exception when it finds no libcudart
         return None
-    major, minor = torch.cuda.get_device_capability()
-    return f"{major}.{minor}"
+
+
+def cuda_compute_capability() -> str | None:
+    """"major.minor" of CUDA device 0, or None without a usable GPU or CUDA runtime."""
+    lib = cudart()
+    count = ctypes.c_int(0)
+    if lib is None or lib.cudaGetDeviceCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return None
+    major, minor = ctypes.c_int(0), ctypes.c_int(0)
+    lib.cudaDeviceGetAttribute(ctypes.byref(major), CUDA_DEVICE_ATTRIBUTE_CC_MAJOR, 0)
+    lib.cudaDeviceGetAttribute(ctypes.byref(minor), CUDA_DEVICE_ATTRIBUTE_CC_MINOR, 0)
+    return f"{major.value}.{minor.value}"
 
 
 def plugin_names(spec: GraphSpec) -> list[dict]:
@@ -100,12 +123,43 @@ def plugin_names(spec: GraphSpec) -> list[dict]:
     return out
 
 
-def register_plugins(trt, spec: GraphSpec) -> None:
-    """Register bytedeploy's TensorRT plugins (plugins/trt_plugins.py) and check each one the graph needs."""
-    from bytedeploy.plugins import trt_plugins
+def plugin_library(path=None) -> Path | None:
+    """The C++ plugin library to use: path when given (it must exist), else the one built beside the package, else
+    None (the Python plugins)."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise UserError(f"plugin library {path} does not exist; build it with `python -m "
+                            "bytedeploy.plugins.build_trt`")
+        return Path(path).resolve()
+    built = default_library()
+    return built if built.is_file() else None
 
-    trt_plugins.register_plugins()
+
+def library_record(library: Path | None) -> dict | str:
+    """What the engine metadata says about the plugins: the library's path and sha256, or "python"."""
+    if library is None:
+        return PYTHON_PLUGINS
+    return {"path": str(library), "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}
+
+
+_loaded_libraries: dict[str, object] = {}  # path -> TensorRT's handle: a library registers its creators once
+
+
+def register_plugins(trt, spec: GraphSpec, library: Path | None) -> None:
+    """Make the bytedeploy plugins the graph needs known to TensorRT: the C++ library when given, else the Python
+    plugins (plugins/trt_plugins.py); then check each one is registered."""
     registry = trt.get_plugin_registry()
+    if library is not None:
+        if str(library) not in _loaded_libraries:
+            handle = registry.load_library(str(library))
+            if handle is None:
+                raise UserError(f"TensorRT could not load the plugin library {library} (built for another TensorRT "
+                                "or GPU, or bytedeploy's Python plugins are already registered in this process)")
+            _loaded_libraries[str(library)] = handle
+    else:
+        from bytedeploy.plugins import trt_plugins
+
+        trt_plugins.register_plugins()
     for p in plugin_names(spec):
         if registry.get_creator(p["name"], p["version"], p["namespace"]) is None:
             raise UserError(f"graph {spec.name!r}: TensorRT plugin {p['namespace']}::{p['name']} version "
@@ -138,23 +192,8 @@ def middle(lo: int, hi: int) -> AxisRange:
     return AxisRange(lo, (lo + hi + 1) // 2, hi)
 
 
-def graph_axes(bundle: Bundle, graph: str) -> dict[str, AxisRange]:
-    """Ranges of axes that depend on each other, by graph. TensorRT checks the graph's shape constraints at the
-    profile's opt shape, so related axes need opt values that fit together."""
-    if bundle.family == "bgpt" and graph == "byte_step":
-        # feature (B, n_feature, C) and bytes (B, n_bytes) are concatenated along the new positions:
-        # n_feature + n_bytes = new, over the byte decoder's patch_size + 1 positions. opt = one byte per step.
-        p = int(bundle.model_config["patch_size"])
-        return {"n_feature": AxisRange(0, 0, 1), "n_bytes": AxisRange(0, 1, p), "new": AxisRange(1, 1, p + 1),
-                "past": middle(0, p)}
-    return {}
-
-
 def axis_range(axis: str, graph: str, bundle: Bundle, max_batch: int, length: int) -> AxisRange:
     """Range of one named dynamic axis (see the module docstring)."""
-    special = graph_axes(bundle, graph)
-    if axis in special:
-        return special[axis]
     if axis == "batch":
         return middle(1, max_batch)
     if axis.startswith(("past", "cache")):
@@ -247,7 +286,8 @@ def read_engine_meta(out: Path, name: str) -> dict | None:
 
 def is_current(meta: dict | None, wanted: dict) -> bool:
     """An existing engine is kept when it was built from the same graph, module and settings."""
-    keys = ("graph_sha256", "module", "tensorrt_version", "requested_precision", "profile", "compute_capability")
+    keys = ("graph_sha256", "module", "tensorrt_version", "requested_precision", "profile", "compute_capability",
+            "plugin_library")
     return meta is not None and all(meta.get(k) == wanted[k] for k in keys)
 
 
@@ -259,6 +299,7 @@ class Builder:
     compute_capability: str
     precision: str
     timing_cache: Path | None  # None under TensorRT-RTX, whose timing cache calls are no-ops
+    library: Path | None = None  # the C++ plugin library, None: the Python plugins
 
     def __post_init__(self):
         self.logger = make_logger(self.trt)
@@ -280,6 +321,7 @@ class Builder:
             "precision": bundle.precision if self.rtx else self.precision,
             "bundle_precision": bundle.precision,
             "plugins": plugin_names(spec),
+            "plugin_library": library_record(self.library) if spec.custom_ops else None,
             "profile": profile,
             "inputs": [asdict(t) for t in spec.inputs], "outputs": [asdict(t) for t in spec.outputs],
             "timing_cache": str(self.timing_cache) if self.timing_cache else None,
@@ -307,7 +349,7 @@ class Builder:
     def build(self, bundle: Bundle, spec: GraphSpec, profile: dict):
         """-> the serialized engine (IHostMemory); writes the updated timing cache."""
         if spec.custom_ops:
-            register_plugins(self.trt, spec)
+            register_plugins(self.trt, spec, self.library)
         network, _parser = parse_graph(self.trt, self.builder, self.logger, bundle.graph_path(spec.name), spec.name)
         serialized = self.builder.build_serialized_network(network, self.config(spec, network, profile))
         if serialized is None:
@@ -317,7 +359,7 @@ class Builder:
         return serialized
 
 
-def make_builder(bundle: Bundle, out: Path, precision: str, timing_cache) -> Builder:
+def make_builder(bundle: Bundle, out: Path, precision: str, timing_cache, library: Path | None = None) -> Builder:
     """Choose the TensorRT module and check it can build this bundle here."""
     trt, module = import_tensorrt()
     if module == "tensorrt_rtx":
@@ -333,20 +375,20 @@ def make_builder(bundle: Bundle, out: Path, precision: str, timing_cache) -> Bui
         raise UserError("full TensorRT builds engines on a CUDA GPU and none is visible; on a CPU-only machine "
                         'uninstall tensorrt and use TensorRT-RTX (pip install "bytedeploy[trt-rtx]")')
     return Builder(trt, module, compute_capability, precision,
-                   Path(timing_cache) if timing_cache else out / "timing.cache")
+                   Path(timing_cache) if timing_cache else out / "timing.cache", library)
 
 
 def build_engines(bundle, out=None, precision: str | None = None, max_batch: int = 8, max_len: int | None = None,
-                  timing_cache=None, force: bool = False) -> dict[str, dict]:
+                  timing_cache=None, force: bool = False, plugins=None) -> dict[str, dict]:
     """Build one engine per bundle graph into out (default BUNDLE/engines); returns {graph: metadata}. precision
-    None: the bundle's."""
+    None: the bundle's. plugins: the C++ plugin library (default: the one beside the package, if built)."""
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     precision = precision or bundle.precision
     if max_batch < 1:
         raise UserError(f"--max-batch must be at least 1, not {max_batch}")
     out = Path(out) if out is not None else bundle.path / "engines"
     length = context_length(bundle, max_len)
-    b = make_builder(bundle, out, precision, timing_cache)
+    b = make_builder(bundle, out, precision, timing_cache, plugin_library(plugins))
     results = {}
     for i, spec in enumerate(bundle.graphs.values(), 1):
         step = f"[{i}/{len(bundle.graphs)}] {spec.name}:"

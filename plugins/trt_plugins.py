@@ -32,6 +32,10 @@ execution context a fresh one): a fresh plugin repeats its draws, later calls co
 
 Not verified here (TensorRT cannot run engines on these machines): that a TensorRT builder accepts the plugin
 inside a real network and that an engine calls it. What the tests check is every method, called directly.
+
+The same two plugins, with the same names, versions, namespace and fields, exist as a C++ library for TensorRT
+outside Python (plugins/trt/, libbytedeploy_trt_plugins.so; its BytePatchDecode decodes greedily only). `bytedeploy
+build` and the TensorRT runner load that library where it exists and register these Python classes only without it.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ import torch
 
 from bytedeploy.errors import UserError
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS
+from bytedeploy.models.sampling import make_generator
 from bytedeploy.plugins.patch_decode import PLUGIN_FIELDS, PatchDecoder, byte_decoder_from_weights, byte_decoder_size
-from bytedeploy.sampling import SamplingConfig, make_generator
+from bytedeploy.sampling import SamplingConfig
 
 try:
     import tensorrt as trt

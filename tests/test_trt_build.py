@@ -181,8 +181,6 @@ def test_cli_builds_every_graph_of_exported_tiny_bundles(family, tmp_path):
                     assert lo == hi == axis
                 elif axis == "batch":
                     assert (lo, hi) == (1, 3)
-                elif spec.name == "byte_step":  # bGPT's byte decoder: patch_size + 1 positions
-                    assert hi <= bundle.model_config["patch_size"] + 1
                 elif axis.startswith("past"):
                     assert (lo, hi) == (0, max_len - 1)
                 else:
@@ -199,10 +197,8 @@ def test_profile_rules_and_limits(built):
     with pytest.raises(UserError, match=r"no TensorRT profile rule for dynamic axis 'heads'"):
         tb.axis_range("heads", "decode", bundle, 4, BLOCK)
     bgpt = types.SimpleNamespace(family="bgpt", model_config={"n_patches": 64, "patch_size": 16}, extra={})
-    axes = {a: tb.axis_range(a, "byte_step", bgpt, 4, 64) for a in ("n_feature", "n_bytes", "new", "past")}
-    assert axes["n_feature"].opt + axes["n_bytes"].opt == axes["new"].opt  # TensorRT checks opt shapes
-    assert (axes["new"].max, axes["past"].max) == (17, 16)
     assert tb.axis_range("past", "patch_decode", bgpt, 4, 64) == tb.AxisRange(0, 32, 63)
+    assert tb.axis_range("length", "patch_decode", bgpt, 4, 64) == tb.AxisRange(1, 33, 64)  # static caches
 
 
 def test_module_choice_and_missing_tensorrt(monkeypatch):
@@ -228,9 +224,11 @@ def test_full_tensorrt_branch_through_the_rtx_bindings(built, tmp_path, monkeypa
     the metadata, not TensorRT itself."""
     monkeypatch.setattr(tb, "import_tensorrt", lambda: (trt_rtx, "tensorrt"))
     monkeypatch.setattr(tb, "cuda_compute_capability", lambda: "9.0")
+    monkeypatch.setattr(tb, "default_library", lambda: tmp_path / "no-library.so")  # the Python plugins
     out, cache = tmp_path / "engines", tmp_path / "timing.cache"
     meta = tb.build_engines(built[0], out, "fp32", 2, None, cache, False)["decode"]
     assert cache.is_file() and meta["timing_cache"] == str(cache)
+    assert meta["plugin_library"] is None  # a graph without plugins
     assert (meta["module"], meta["compute_capability"], meta["precision"]) == ("tensorrt", "9.0", "fp32")
     tb.build_engines(built[0], out, "fp32", 2, None, cache, True)  # reads the cache it wrote
     with pytest.raises(UserError, match=r"this TensorRT \(.*\) has no bf16 builder flag"):
@@ -239,6 +237,52 @@ def test_full_tensorrt_branch_through_the_rtx_bindings(built, tmp_path, monkeypa
     with pytest.raises(UserError, match=r"cannot parse graph 'prefill': node layers.0.attn.q \(BitLinear\): .*plugin"):
         tb.build_engines(bitlinear_bundle(tmp_path / "b"), None, "fp32", 2, None, None, False)
     assert trt_rtx.get_plugin_registry().get_creator("BitLinear", "1", "bytedeploy") is not None
+
+
+class FakeRegistry:
+    """TensorRT's plugin registry as register_plugins uses it: load_library, get_creator."""
+
+    def __init__(self, loads: bool = True):
+        self.loads, self.libraries, self.creators = loads, [], set()
+
+    def load_library(self, path):
+        self.libraries.append(path)
+        if not self.loads:
+            return None
+        self.creators |= {("BitLinear", "1", "bytedeploy"), ("BytePatchDecode", "1", "bytedeploy")}
+        return object()
+
+    def get_creator(self, name, version, namespace):
+        return (name, version, namespace) if (name, version, namespace) in self.creators else None
+
+
+def test_the_plugin_library_is_loaded_once_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(tb, "_loaded_libraries", {})
+    registry = FakeRegistry()
+    trt = types.SimpleNamespace(get_plugin_registry=lambda: registry)
+    spec = GraphSpec("prefill", "onnx/prefill.onnx", [], [], ["bytedeploy::BitLinear"])
+    library = tmp_path / "libbytedeploy_trt_plugins.so"
+    for _ in range(2):
+        tb.register_plugins(trt, spec, library)
+    assert registry.libraries == [str(library)]
+    other = FakeRegistry(loads=False)
+    trt = types.SimpleNamespace(get_plugin_registry=lambda: other)
+    with pytest.raises(UserError, match=r"TensorRT could not load the plugin library .*libbytedeploy_trt_plugins.so"):
+        tb.register_plugins(trt, spec, tmp_path / "libbytedeploy_trt_plugins.so.2")
+
+
+def test_build_refuses_a_missing_plugin_library_in_one_line(built, tmp_path):
+    result = CliRunner().invoke(cli, ["build", str(built[0].path), "--plugins", str(tmp_path / "none.so")])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: plugin library {tmp_path / 'none.so'} does not exist; build it with "
+                                     "`python -m bytedeploy.plugins.build_trt`")
+
+
+def test_engines_are_rebuilt_when_the_plugin_library_changes(built):
+    meta = built[1]["decode"]
+    assert tb.is_current(meta, dict(meta))
+    assert not tb.is_current({**meta, "plugin_library": "python"},
+                             {**meta, "plugin_library": {"path": "/lib.so", "sha256": "0" * 64}})
 
 
 # ---- the runner's checks ---------------------------------------------------------------------------------------
@@ -283,6 +327,6 @@ def test_shapes_outside_profile_are_one_line_errors(built):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_trt_runner_without_gpu_is_a_one_line_error(built):
-    with pytest.raises(UserError, match=r"the trt backend runs TensorRT engines on a CUDA GPU and torch sees none "
-                                        r"\(tensorrt_rtx "):
+    with pytest.raises(UserError, match=r"the trt backend runs TensorRT engines on a CUDA GPU and the CUDA runtime "
+                                        r"sees none \(tensorrt_rtx "):
         rt.TrtRunner(built[0])
