@@ -1,4 +1,5 @@
-"""`bytedeploy bench`: generation speed of a checkpoint on every backend x batch size, in one run.
+"""`bytedeploy bench`: generation speed of a checkpoint or an exported bundle on every backend x batch size, in one
+run.
 
 For each backend and batch size: one untimed warm-up call (it also captures the native backend's CUDA graphs),
 then `repeats` timed calls; the row keeps the median. A row reports
@@ -13,7 +14,8 @@ then `repeats` timed calls; the row keeps the median. A row reports
                         eager-reference generates the rows of a batch one after another, so its throughput does
                         not grow with the batch: above --reference-max-batch it is not run and the speed-up uses
                         its largest measured batch (speedup_basis says which)
-  matches_eager_reference / matches_eager   the outputs are identical (greedy decoding, the default)
+  matches_eager_reference / matches_eager   the outputs are identical (greedy decoding, the default); on a bundle,
+                        matches_<backend>: identical to the first bundle backend of --backends that ran
 
 The run also records host_op_us: the host's time to issue one small torch op on the device (the median of three
 batches of 2,000 in-place adds, before the rows and after them). The eager loops issue hundreds of such ops per
@@ -24,6 +26,9 @@ Backends: eager-reference, eager, burst (sigma-GPT), native (runtimes/native.py)
 torch.compile inside the graphs), and on an exported bundle (--bundle) ort, ort-cuda, trt. A row that cannot run
 here is kept with status "skipped" and the reason; nothing crashes the run.
 
+Given a bundle instead of a checkpoint, the rows are the bundle backends' only, and the run imports no torch (a
+deploy install has none): no host_op_us, no peak GPU memory, no bandwidth bound.
+
 bGPT also gets the bandwidth bound: the weight bytes one patch reads (the patch decoder once, the byte decoder and
 its LM head once per byte) divided by BANDWIDTH_BYTES_PER_S, against the measured latency_ms_per_patch.
 """
@@ -33,28 +38,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from bytedeploy.errors import UserError
-from bytedeploy.generation import GenerateRequest, GenerateResult, generate_from_checkpoint
+from bytedeploy.generation import MAX_NEW, GenerateRequest, GenerateResult
+from bytedeploy.runner import BUNDLE_BACKENDS, BundleModel, CheckpointModel, is_bundle
 from bytedeploy.sampling import SamplingConfig
 
 CHECKPOINT_BACKENDS = ("eager-reference", "eager", "burst", "native", "native+compile")
-BUNDLE_BACKENDS = ("ort", "ort-cuda", "trt")
+CHECKPOINT_DEFAULT, BUNDLE_DEFAULT = "eager-reference,eager,native", "ort"  # --backends when not given
 BANDWIDTH_BYTES_PER_S = 3.0e12  # H100 HBM3, the issue's round figure (3.35 TB/s peak on the SXM part)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes of the checkpoint backends
+DEFAULT_MAX_NEW = 256  # new tokens per row unless --max-new says, or fewer where the model's context holds fewer
 
 
 @dataclass
 class BenchConfig:
-    backends: list[str] = field(default_factory=lambda: ["eager-reference", "eager", "native"])
+    backends: list[str] = field(default_factory=lambda: CHECKPOINT_DEFAULT.split(","))
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 64])
-    max_new: int = 256
+    max_new: int | None = None  # None: DEFAULT_MAX_NEW, or what the model's context leaves (fitting_max_new)
     prompt: bytes = b"import os\n"
     repeats: int = 3
     reference_max_batch: int = 8
@@ -71,23 +77,27 @@ class BenchConfig:
                             f"{', '.join(CHECKPOINT_BACKENDS + BUNDLE_BACKENDS)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise UserError("--batch-sizes needs batch sizes >= 1")
-        if self.max_new < 1 or self.repeats < 1:
-            raise UserError("--max-new and --repeats must be >= 1")
+        if not (self.max_new is None or 1 <= self.max_new <= MAX_NEW) or self.repeats < 1:
+            raise UserError(f"--max-new must be in 1..{MAX_NEW} and --repeats >= 1")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
 
 
 def machine_name() -> str:
     """The GPU (or CPU) that results were measured on, with the torch version; every benchmark names it so."""
+    import torch
+
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
     cpu = platform.processor() or platform.machine()
     return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def host_op_us(device: torch.device, ops: int = 2000) -> float:
+def host_op_us(device, ops: int = 2000) -> float:
     """Microseconds per small in-place op issued from this host on device (median of three batches of ops): what
     bounds the eager loops, which issue hundreds of such ops per token."""
+    import torch
+
     x = torch.zeros(1, device=device)
     times = []
     for _ in range(3):
@@ -102,17 +112,60 @@ def host_op_us(device: torch.device, ops: int = 2000) -> float:
     return sorted(times)[1]
 
 
-def run_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
-    """-> the result dict (rows, bandwidth, machine); writes nothing."""
+def host_name() -> str:
+    """The machine a bundle was measured on, without torch: its CPU and onnxruntime with its execution providers."""
+    import onnxruntime
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (onnxruntime "
+            f"{onnxruntime.__version__}: {', '.join(onnxruntime.get_available_providers())})")
+
+
+def run_bench(path: str, bc: BenchConfig, echo=print) -> dict:
+    """path: a checkpoint, or an exported bundle -> the result dict (rows, machine, ...); writes nothing."""
+    return run_bundle_bench(path, bc, echo) if is_bundle(path) else run_checkpoint_bench(path, bc, echo)
+
+
+def run_bundle_bench(path: str, bc: BenchConfig, echo=print) -> dict:
+    """The bundle backends' rows, torch-free; outputs compared between the bundle backends that ran."""
+    from bytedeploy.exporters.bundle import load_bundle
+
+    if bc.bundle:
+        raise UserError(f"--bundle goes with a checkpoint; {path} is a bundle already")
+    not_bundle = [b for b in bc.backends if b not in BUNDLE_BACKENDS]
+    if not_bundle:
+        raise UserError(f"{', '.join(not_bundle)}: checkpoint backends; a bundle runs on {', '.join(BUNDLE_BACKENDS)}")
+    bundle = load_bundle(path)
+    cfg = bundle.family_config()
+    options = {"assets": str(bundle.assets), **bc.options}
+    bc = fit_max_new(bc, bundle.family, cfg, options)
+    result = {
+        "command": "bytedeploy bench", "bundle": str(path), "family": bundle.family, "machine": host_name(),
+        "dtype": bundle.precision, "bitlinear": bundle.bitlinear, "model_config": bundle.model_config,
+        "max_new": bc.max_new, "prompt": bc.prompt.decode("utf-8", errors="replace"), "repeats": bc.repeats,
+        "sampling": dataclasses.asdict(bc.sampling), "options": dict(bc.options), "rows": [],
+    }
+    runners = {}
+    run_rows(result, bc, options, lambda backend, batch_size: "",
+             lambda backend, request: call(runners, lambda: BundleModel(bundle, backend), backend, request), echo,
+             cuda=False)
+    ran = [r["backend"] for r in result["rows"] if r["status"] == "ok"]
+    add_derived(result, cfg, bc, bases=ran[:1])
+    return result
+
+
+def run_checkpoint_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
+    import torch
+
     from bytedeploy.checkpoint import load_model
     from bytedeploy.registry import get_family
     from bytedeploy.training import resolve_device
 
     device = resolve_device(bc.device or "auto")
     model, cfg, ckpt = load_model(checkpoint, device)
-    model = model.to(DTYPES[bc.dtype])
+    model = model.to(getattr(torch, bc.dtype))
     fam = get_family(ckpt.family)
     options = {"assets": str(ckpt.assets), **bc.options}
+    bc = fit_max_new(bc, ckpt.family, cfg, options)
     result = {
         "command": "bytedeploy bench", "checkpoint": str(checkpoint), "family": ckpt.family,
         "machine": machine_name(), "device": str(device), "dtype": bc.dtype,
@@ -129,21 +182,64 @@ def run_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
         if bundle.family != ckpt.family:
             raise UserError(f"checkpoint {checkpoint} is a {ckpt.family} model; bundle {bc.bundle} is {bundle.family}")
     runners = {}
+
+    def open_runner(backend: str):
+        if backend in BUNDLE_BACKENDS:
+            return BundleModel(bundle, backend)
+        return CheckpointModel(model, cfg, ckpt, backend)
+
+    run_rows(result, bc, options,
+             lambda backend, batch_size: skip_reason(fam, ckpt.family, backend, batch_size, bc, device, bundle_error),
+             lambda backend, request: call(runners, lambda: open_runner(backend), backend, request), echo,
+             cuda=device.type == "cuda")
+    result["host_op_us"].append(host_op_us(device))
+    add_derived(result, cfg, bc, bases=("eager-reference", "eager"))
+    if ckpt.family == "bgpt":
+        add_bandwidth_bound(result, model)
+    return result
+
+
+def run_rows(result: dict, bc: BenchConfig, options: dict, skip_reason, call, echo, cuda: bool) -> None:
+    """One row per batch size x backend into result["rows"]: skip_reason(backend, batch_size) -> "" or why not,
+    call(backend, request) -> GenerateResult."""
     for batch_size in bc.batch_sizes:
         for backend in bc.backends:
             row = {"backend": backend, "batch_size": batch_size}
-            reason = skip_reason(fam, ckpt.family, backend, batch_size, bc, device, bundle_error)
+            reason = skip_reason(backend, batch_size)
             if reason:
                 row.update(status="skipped", reason=reason)
             else:
                 request = GenerateRequest(bc.prompt, bc.max_new, batch_size, bc.sampling, dict(options))
-                row.update(measure(lambda r, b=backend: call(ckpt.family, model, cfg, bundle, b, r, runners), request,
-                                   bc.repeats, device))
+                row.update(measure(lambda r, b=backend: call(b, r), request, bc.repeats, cuda))
             result["rows"].append(row)
             echo(format_row(row))
-    result["host_op_us"].append(host_op_us(device))
-    add_derived(result, model, cfg, bc)
-    return result
+
+
+def fit_max_new(bc: BenchConfig, family: str, cfg, options: dict) -> BenchConfig:
+    """bc with max_new set: DEFAULT_MAX_NEW or what the model's context leaves; a --max-new that does not fit is
+    refused."""
+    room = fitting_max_new(family, cfg, bc.prompt, options)
+    if bc.max_new is None:
+        return dataclasses.replace(bc, max_new=min(DEFAULT_MAX_NEW, room or DEFAULT_MAX_NEW))
+    if room is not None and bc.max_new > room:
+        raise UserError(f"--max-new {bc.max_new} does not fit this {family} model: its context leaves room for "
+                        f"{room} new tokens after the prompt")
+    return bc
+
+
+def fitting_max_new(family: str, cfg, prompt: bytes, options: dict) -> int | None:
+    """The most new tokens a row may ask for where the family samples inside one context and refuses more: sigma-GPT's
+    block_size, what the Bayesian-flow LM's sequence leaves after the prompt. None for the others: bGPT stops at its
+    context's end, char GPT-2 and BitNet slide their window on."""
+    if family == "sigma-gpt":
+        return cfg.block_size
+    if family == "bfn":
+        from bytedeploy.families import bfn
+
+        request = GenerateRequest(prompt, 0, 1, options=options)
+        new = bfn.build_sequence(cfg, request, bfn.request_tokenizer(request))[2]
+        return new.stop - new.start
+    return None
 
 
 def skip_reason(fam, family: str, backend: str, batch_size: int, bc: BenchConfig, device, bundle_error: str) -> str:
@@ -163,20 +259,18 @@ def skip_reason(fam, family: str, backend: str, batch_size: int, bc: BenchConfig
     return ""
 
 
-def call(family: str, model, cfg, bundle, backend: str, request: GenerateRequest, runners: dict) -> GenerateResult:
-    """One generate call. A bundle backend keeps one runner for the whole run: its sessions (or engines) are made on
-    first use, in the untimed warm-up call, and not again in the timed ones."""
-    if backend in BUNDLE_BACKENDS:
-        from bytedeploy.runtimes import family_loop, make_runner
-
-        if backend not in runners:
-            runners[backend] = make_runner(bundle, backend)
-        return family_loop(bundle.family).generate(bundle, runners[backend], request)
-    return generate_from_checkpoint(model, cfg, family, request, backend)
+def call(runners: dict, open_runner, backend: str, request: GenerateRequest) -> GenerateResult:
+    """One generate call on the backend's bytedeploy.runner.ModelRunner, opened (open_runner()) on first use and kept
+    for the whole run: a bundle's sessions (or engines) are made in the untimed warm-up call, not in the timed ones."""
+    if backend not in runners:
+        runners[backend] = open_runner()
+    return runners[backend].generate(request)
 
 
-def measure(run, request: GenerateRequest, repeats: int, device) -> dict:
-    cuda = device.type == "cuda"
+def measure(run, request: GenerateRequest, repeats: int, cuda: bool) -> dict:
+    """cuda: the checkpoint runs on a CUDA device, whose torch allocator's peak memory the row reports."""
+    if cuda:
+        import torch
     try:
         if cuda:
             torch.cuda.synchronize()
@@ -205,8 +299,9 @@ def measure(run, request: GenerateRequest, repeats: int, device) -> dict:
     return row
 
 
-def add_derived(result: dict, model, cfg, bc: BenchConfig) -> None:
-    """Speed-ups and output agreement against eager-reference (and eager), bGPT's per-patch latency and bound."""
+def add_derived(result: dict, cfg, bc: BenchConfig, bases) -> None:
+    """Speed-ups against eager-reference, output agreement with each of bases (backends) and bGPT's per-patch
+    latency."""
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     is_bgpt = result["family"] == "bgpt"
     P = getattr(cfg, "patch_size", 0)
@@ -216,7 +311,7 @@ def add_derived(result: dict, model, cfg, bc: BenchConfig) -> None:
             row_bytes = row["new"] / row["batch_size"]
             row["patches"] = row.get("extra", {}).get("patches") or math.ceil((row_bytes + tail) / P)
             row["latency_ms_per_patch"] = 1e3 * row["seconds"] * P / max(row_bytes, 1)
-        for base in ("eager-reference", "eager"):
+        for base in bases:
             same = next((r for r in rows if r["backend"] == base and r["batch_size"] == row["batch_size"]), None)
             if same is not None and row["backend"] != base:
                 row[f"matches_{base.replace('-', '_')}"] = same["outputs_sha"] == row["outputs_sha"]
@@ -227,17 +322,21 @@ def add_derived(result: dict, model, cfg, bc: BenchConfig) -> None:
         if ref is not None:
             row["speedup_vs_eager_reference"] = row["tokens_per_s"] / ref["tokens_per_s"]
             row["speedup_basis"] = f"eager-reference at batch {ref['batch_size']}"
-    if is_bgpt:
-        from bytedeploy.plugins.patch_decode import weight_bytes_per_patch
 
-        weights = weight_bytes_per_patch(model)
-        bound = weights["patch"] / BANDWIDTH_BYTES_PER_S
-        result["bandwidth_bound"] = {
-            "weight_bytes_per_patch": weights["patch"], "weight_bytes_per_byte_step": weights["byte_decoder_step"],
-            "weight_bytes_per_patch_step": weights["patch_decoder_step"], "bound_ms_per_patch": 1e3 * bound,
-            "note": "weights only (KV-cache reads excluded); each row's fraction_of_bound = bound / measured",
-        }
-        for row in rows:
+
+def add_bandwidth_bound(result: dict, model) -> None:
+    """bGPT: the weight bytes a patch reads over BANDWIDTH_BYTES_PER_S, and each row's fraction of that bound."""
+    from bytedeploy.plugins.patch_decode import weight_bytes_per_patch
+
+    weights = weight_bytes_per_patch(model)
+    bound = weights["patch"] / BANDWIDTH_BYTES_PER_S
+    result["bandwidth_bound"] = {
+        "weight_bytes_per_patch": weights["patch"], "weight_bytes_per_byte_step": weights["byte_decoder_step"],
+        "weight_bytes_per_patch_step": weights["patch_decoder_step"], "bound_ms_per_patch": 1e3 * bound,
+        "note": "weights only (KV-cache reads excluded); each row's fraction_of_bound = bound / measured",
+    }
+    for row in result["rows"]:
+        if row["status"] == "ok":
             row["fraction_of_bandwidth_bound"] = bound / (row["latency_ms_per_patch"] * 1e-3)
 
 

@@ -1,8 +1,10 @@
 """Model families by name.
 
-A family is one module in bytedeploy/models/ that provides:
+A family is two modules. Its torch-free facts, bytedeploy/families/<family>.py (FACTS below; what a bundle and its
+runtime loop need), provide
   Config                 dataclass of model hyperparameters (JSON-able), with a field per architecture choice
   PRESETS                {"tiny": {...}, ...} overrides of Config for named sizes ("tiny" runs CPU tests)
+and its model, bytedeploy/models/<family>.py (FAMILIES below; needs torch), provides those two as well and
   Model(config)          nn.Module; forward(batch: dict[str, Tensor]) -> (mean loss, number of targets)
   make_data(config, spec, options) -> TrainData (see bytedeploy.data)
   generate(model, config, request, backend) -> GenerateResult (see bytedeploy.generation)
@@ -29,6 +31,13 @@ FAMILIES = {
     "bfn": "bytedeploy.models.bfn",
     "char-gpt2": "bytedeploy.models.char_gpt2",
 }
+FACTS = {
+    "bgpt": "bytedeploy.families.bgpt",
+    "bitnet": "bytedeploy.families.bitnet",
+    "sigma-gpt": "bytedeploy.families.sigma_gpt",
+    "bfn": "bytedeploy.families.bfn",
+    "char-gpt2": "bytedeploy.families.char_gpt2",
+}
 
 
 def family_names() -> list[str]:
@@ -42,5 +51,15 @@ def family_module(modules: dict[str, str], family: str, unknown: str) -> ModuleT
     return importlib.import_module(modules[family])
 
 
+def unknown_family(name: str) -> str:
+    return f"unknown model family {name!r}; known: {', '.join(family_names())}"
+
+
 def get_family(name: str) -> ModuleType:
-    return family_module(FAMILIES, name, f"unknown model family {name!r}; known: {', '.join(family_names())}")
+    """The family's model module (torch)."""
+    return family_module(FAMILIES, name, unknown_family(name))
+
+
+def family_config_class(name: str) -> type:
+    """The family's Config dataclass, from its torch-free module."""
+    return family_module(FACTS, name, unknown_family(name)).Config

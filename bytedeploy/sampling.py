@@ -1,9 +1,11 @@
-"""The one sampling module, shared by every family and runtime.
+"""Sampling settings, and the numpy sampler that the bundle loops (runtimes/) draw with: no torch.
 
 Order of operations follows the seeds (bGPT's ``samplings`` helpers): top-k, then top-p on the
 temperature-1 distribution, then temperature on what survives. temperature == 0 means greedy (argmax).
-``sample`` runs on the device with a seeded ``torch.Generator``; ``sample_host`` is the seeds' host-side
-numpy version kept for the eager-reference loops.
+``sample`` draws a batch of tokens from logits with a seeded ``np.random.Generator`` (the same seed gives the same
+tokens on every run); ``sample_host`` is the seeds' one-token-at-a-time version kept for the eager-reference loops.
+The eager and native loops sample on the device with the torch sampler of the same settings
+(bytedeploy.models.sampling): greedy tokens are the same, seeded draws are not.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 @dataclass
@@ -34,42 +35,42 @@ class SamplingConfig:
         return self.temperature == 0 or self.top_k == 1
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the smallest set whose probability reaches top_p."""
-    logits = logits.float()
-    if top_k > 0 and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """A float32 copy with -inf for every logit outside the top-k and outside the smallest set whose probability
+    reaches top_p."""
+    logits = np.array(logits, dtype=np.float32)
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = np.partition(logits, V - top_k, axis=-1)[..., V - top_k:V - top_k + 1]
+        logits[logits < kth] = -np.inf
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the token that crosses top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        order = np.argsort(-logits, axis=-1, kind="stable")
+        probs = softmax(np.take_along_axis(logits, order, -1))
+        drop_sorted = (np.cumsum(probs, -1) - probs) >= top_p  # keep the token that crosses top_p
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        logits[drop] = -np.inf
     return logits
 
 
-def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """The distribution ``sample`` draws from (float32, last dim)."""
-    logits = filter_logits(logits, cfg.top_k, cfg.top_p)
-    return (logits / max(cfg.temperature, 1e-8)).softmax(-1)
+def probabilities(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+    """The distribution ``sample`` draws from (float32, last axis)."""
+    return softmax(filter_logits(logits, cfg.top_k, cfg.top_p) / np.float32(max(cfg.temperature, 1e-8)))
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (..., V) -> token ids (...), on the logits' device, no host synchronisation."""
+def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
+    """logits (..., V) -> token ids (...) int64: argmax when greedy (no random numbers drawn), else one uniform per
+    token through the inverse of the cumulative distribution."""
     if cfg.greedy:
-        return logits.argmax(-1)
-    probs = probabilities(logits, cfg)
-    flat = probs.reshape(-1, probs.size(-1))
-    # Exponential-race sampling (argmax p/E, E ~ Exp(1)) is multinomial sampling without a host sync.
-    noise = torch.empty_like(flat).exponential_(1.0, generator=generator)
-    return (flat / noise).argmax(-1).reshape(probs.shape[:-1])
-
-
-def make_generator(seed: int, device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
+        return np.asarray(logits).argmax(-1)
+    cdf = np.cumsum(probabilities(logits, cfg), -1, dtype=np.float64)
+    u = rng.random(cdf.shape[:-1])[..., None] * cdf[..., -1:]
+    return np.minimum((cdf <= u).sum(-1), cdf.shape[-1] - 1)  # the first token whose cdf passes u
 
 
 def sample_host(probs: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:

@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig
+from bytedeploy.models.sampling import make_generator, sample
 from bytedeploy.runtimes.native import capture, fused_blocks, gpt2_step, weight_states
-from bytedeploy.sampling import SamplingConfig, make_generator, sample
+from bytedeploy.sampling import SamplingConfig
 
 SPECIAL = 256  # bgpt.SPECIAL: end of content / padding
 N_SYMBOLS = 257  # bgpt.N_SYMBOLS

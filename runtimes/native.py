@@ -252,7 +252,7 @@ class WindowedLM:
 
     def __init__(self, batch_size: int, n0: int, max_new: int, context: int, vocab: int, device, sampling,
                  step, window_pass, prefill, transform=None, use_graphs: bool = True):
-        from bytedeploy.sampling import make_generator
+        from bytedeploy.models.sampling import make_generator
 
         self.B, self.n0, self.max_new, self.T = batch_size, n0, max_new, context
         self.sampling, self.step, self.window_pass, self.prefill = sampling, step, window_pass, prefill
@@ -272,7 +272,7 @@ class WindowedLM:
                 self.graphs["window"] = capture(self.window_step, self.generator, pool)
 
     def draw(self) -> torch.Tensor:
-        from bytedeploy.sampling import sample
+        from bytedeploy.models.sampling import sample
 
         token = sample(self.transform(self.logits), self.sampling, self.generator)
         self.seq.index_copy_(1, self.pos, token[:, None])

@@ -24,9 +24,9 @@ import torch
 from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.models import bgpt
+from bytedeploy.models.sampling import make_generator
 from bytedeploy.plugins.patch_decode import SPECIAL, PatchDecoder
 from bytedeploy.runtimes.native import cached_runner, capture, gpt2_step, sampling_key, step_mask, sync
-from bytedeploy.sampling import make_generator
 
 MAX_PREFILL_GRAPHS = 8  # captured prompt prefills kept per runner (one per prompt length), the oldest dropped first
 MAX_EDGE_GRAPHS = 16  # captured first / last patch graphs kept per runner besides the patch graph, the oldest first

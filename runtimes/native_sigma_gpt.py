@@ -11,8 +11,8 @@ import torch
 from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.models import sigma_gpt
+from bytedeploy.models.sampling import make_generator, sample
 from bytedeploy.runtimes.native import cached_runner, capture, gpt2_step, sampling_key, step_mask, sync
-from bytedeploy.sampling import make_generator, sample
 
 
 class OrderedRunner:

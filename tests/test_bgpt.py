@@ -14,6 +14,7 @@ from bytedeploy.checkpoint import load_model
 from bytedeploy.cli import cli
 from bytedeploy.data.files import label_of, load_records, split_records
 from bytedeploy.errors import UserError
+from bytedeploy.families import bgpt as bgpt_facts
 from bytedeploy.generation import GenerateRequest
 from bytedeploy.models import bgpt
 from bytedeploy.models.bgpt import SPECIAL
@@ -58,7 +59,7 @@ def test_file_encoding_and_inverse():
     assert enc.shape == (4, 16) and bgpt.patches_to_bytes(enc[1:]) == whole and (enc[3] == SPECIAL).all()
     assert bgpt.encode_file(b"", "txt", cfg).shape == (2, 16)  # BOS + EOS
     assert bgpt.encode_file(data, "py", cfg, eos=False).shape == (4, 16)
-    assert bgpt.ext_patch("a" * 40, 16).tolist() == [ord("a")] * 16  # long extensions are cut to a patch
+    assert bgpt_facts.ext_patch("a" * 40, 16).tolist() == [ord("a")] * 16  # long extensions are cut to a patch
 
 
 def test_limit_conversion_prompt_and_partial_patch():
@@ -71,13 +72,13 @@ def test_limit_conversion_prompt_and_partial_patch():
     assert cut.shape == (8, 16) and not (cut == SPECIAL).all(-1)[1:].any()
 
     src = b"X:1\nK:C\nCDEF GABc|"  # 19 bytes: two patches
-    prompt = bgpt.conversion_prompt(src, "abc", "mid", cfg)
+    prompt = bgpt_facts.conversion_prompt(src, "abc", "mid", cfg)
     np.testing.assert_array_equal(prompt[:3], bgpt.encode_file(src, "abc", cfg)[:3])  # the source without EOS
     assert prompt.shape == (4, 16) and bytes(prompt[-1][:3].tolist()) == b"mid" and (prompt[-1][3:] == SPECIAL).all()
     with pytest.raises(UserError):
-        bgpt.conversion_prompt(bytes(97), "abc", "mid", cfg)
+        bgpt_facts.conversion_prompt(bytes(97), "abc", "mid", cfg)
 
-    patches, tail = bgpt.make_prompt(cfg, GenerateRequest(b"0123456789abcdefXYZ", options={"ext": "md"}))
+    patches, tail = bgpt_facts.make_prompt(cfg, GenerateRequest(b"0123456789abcdefXYZ", options={"ext": "md"}))
     assert patches.shape == (2, 16) and bytes(patches[0][:2].tolist()) == b"md"
     assert bytes(tail.tolist()) == b"XYZ"  # the partial last patch is forced into the first new patch
     with pytest.raises(UserError, match="prompt of 97 bytes"):
@@ -154,7 +155,7 @@ def test_greedy_eager_equals_reference_and_rows_agree(tmp_path):
     # no 256 under greedy: every output runs to the limit of patches (kept small: the reference loop is slow)
     model, cfg = make_model(stop_scale=0.0, patch_size=4, n_patches=8)
     for request in prompts(tmp_path, cfg.patch_size):
-        patches, tail = bgpt.make_prompt(cfg, request)
+        patches, tail = bgpt_facts.make_prompt(cfg, request)
         expected_len = (cfg.n_patches - len(patches)) * cfg.patch_size - len(tail)
         ref = bgpt.generate(model, cfg, request, "eager-reference").outputs
         assert len(ref) == 1 and len(ref[0]) == expected_len
@@ -169,7 +170,7 @@ def test_greedy_backends_agree_where_files_end(trained, tmp_path):
     model, cfg, _ = load_model(trained.ckpt)  # learned to end its files at a newline: outputs stop at 256
     lengths = []
     for request in prompts(tmp_path, cfg.patch_size):
-        patches, tail = bgpt.make_prompt(cfg, request)
+        patches, tail = bgpt_facts.make_prompt(cfg, request)
         ref = bgpt.generate(model, cfg, request, "eager-reference").outputs
         assert bgpt.generate(model, cfg, dataclasses.replace(request, batch_size=2), "eager").outputs == ref * 2
         lengths.append((len(ref[0]), (cfg.n_patches - len(patches)) * cfg.patch_size - len(tail)))
@@ -200,11 +201,13 @@ def test_classifier_refuses_to_generate():
 # ----------------------------------------------------------------------------------------------- importer
 
 
-def test_import_official_weights_matches_transformers(tmp_path):
+@pytest.mark.parametrize("C, heads, head_options", [(32, 4, ["--n-head", "4", "--byte-n-head", "4"]),
+                                                    (128, 2, [])])  # the default: hidden size / 64, as upstream
+def test_import_official_weights_matches_transformers(tmp_path, C, heads, head_options):
     """Build the official code's module tree (github sanderwood/bgpt, utils.py) from transformers' GPT-2 classes,
     save it as the official training script does, import it through the CLI and compare logits."""
     transformers = pytest.importorskip("transformers")
-    P, N, C = 8, 6, 32
+    P, N = 8, 6
 
     class PatchLevelDecoder(torch.nn.Module):
         def __init__(self, config):
@@ -225,8 +228,9 @@ def test_import_official_weights_matches_transformers(tmp_path):
 
     torch.manual_seed(0)
     NO_IDS = dict(bos_token_id=None, eos_token_id=None)  # GPT-2's 50256 is outside these vocabularies
-    patch_config = transformers.GPT2Config(vocab_size=1, n_positions=N, n_embd=C, n_layer=2, n_head=4, **NO_IDS)
-    byte_config = transformers.GPT2Config(vocab_size=257, n_positions=P + 1, n_embd=C, n_layer=1, n_head=4, **NO_IDS)
+    patch_config = transformers.GPT2Config(vocab_size=1, n_positions=N, n_embd=C, n_layer=2, n_head=heads, **NO_IDS)
+    byte_config = transformers.GPT2Config(vocab_size=257, n_positions=P + 1, n_embd=C, n_layer=1, n_head=heads,
+                                          **NO_IDS)
     official = bGPTLMHeadModel(patch_config, byte_config).eval()
     with torch.no_grad():
         for p in official.parameters():
@@ -239,11 +243,11 @@ def test_import_official_weights_matches_transformers(tmp_path):
     torch.save({"model": state, "epoch": 3, "min_eval_loss": 1.0}, weights)
 
     ckpt = tmp_path / "imported"
-    result = CliRunner().invoke(cli, ["import", "bgpt", str(weights), "-o", str(ckpt), "--n-head", "4",
-                                      "--byte-n-head", "4"])
+    result = CliRunner().invoke(cli, ["import", "bgpt", str(weights), "-o", str(ckpt), *head_options])
     assert result.exit_code == 0, result.output
     model, cfg, _ = load_model(ckpt)
     assert (cfg.patch_size, cfg.n_patches, cfg.n_embd, cfg.n_layer, cfg.byte_n_layer) == (P, N, C, 2, 1)
+    assert cfg.n_head == cfg.byte_n_head == heads
 
     patches = torch.randint(0, 257, (2, N, P))
     with torch.no_grad():

@@ -13,8 +13,9 @@ from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest
 from bytedeploy.models import bfn, bgpt, bitnet, char_gpt2
 from bytedeploy.models import sigma_gpt as sg
+from bytedeploy.models.sampling import make_generator
 from bytedeploy.runtimes import native
-from bytedeploy.sampling import SamplingConfig, make_generator
+from bytedeploy.sampling import SamplingConfig
 from bytedeploy.tokenizers import CharTokenizer
 
 GREEDY = SamplingConfig(temperature=0.0)

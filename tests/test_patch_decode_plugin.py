@@ -1,7 +1,7 @@
 """The BytePatchDecode TensorRT plugin and `export --patch-decode plugin` (TensorRT cannot run engines here).
 
 CPU: the exported patch_decode_fused graph (full ONNX check, manifest, node attributes = the plugin's fields), the
-bundle still runs on ONNX Runtime through byte_step, the creator round trip from the node's attributes, the build
+bundle still runs on ONNX Runtime through byte_patch, the creator round trip from the node's attributes, the build
 methods (shapes with stand-in dimension expressions, as tests/test_trt_plugins.py), the plugin's computation on CPU
 tensors, the runtime loop's trt branch with a fake runner whose patch_decode_fused is that computation, and the
 refusal under TensorRT-RTX. GPU: enqueue on real device pointers against bgpt.generate_patch."""
@@ -26,13 +26,14 @@ from bytedeploy.exporters.bgpt import FUSED
 from bytedeploy.exporters.bundle import load_bundle
 from bytedeploy.generation import GenerateRequest
 from bytedeploy.models import bgpt
+from bytedeploy.models.sampling import make_generator
 from bytedeploy.plugins import trt_plugins
 from bytedeploy.plugins.patch_decode import PLUGIN_FIELDS, PatchDecoder, byte_decoder_weights, plugin_fields_of
 from bytedeploy.plugins.trt_plugins import BytePatchDecodePlugin, BytePatchDecodePluginCreator, plugin_fields
 from bytedeploy.registry import get_family
 from bytedeploy.runtimes import bgpt as bgpt_loop
 from bytedeploy.runtimes.ort import OrtRunner
-from bytedeploy.sampling import SamplingConfig, make_generator
+from bytedeploy.sampling import SamplingConfig
 
 trt = trt_plugins.trt
 needs_trt = pytest.mark.skipif(trt is None, reason="TensorRT's Python module (tensorrt / tensorrt_rtx) is missing")
@@ -94,9 +95,10 @@ def test_fused_graph_passes_the_full_check_and_carries_the_fields(exported):
     ckpt, fp32, fp16 = exported
     model, cfg, _ = load_model(ckpt)
     doc = json.loads((fp32 / "bundle.json").read_text())
-    assert [g["name"] for g in doc["graphs"]] == ["patch_prefill", "patch_decode", "byte_step", FUSED]
-    assert doc["graphs"][3]["custom_ops"] == ["bytedeploy::BytePatchDecode"]
-    assert all(g["custom_ops"] == [] for g in doc["graphs"][:3])
+    assert [g["name"] for g in doc["graphs"]] == ["patch_prefill", "patch_decode", "byte_patch_greedy", "byte_patch",
+                                                  FUSED]
+    assert doc["graphs"][4]["custom_ops"] == ["bytedeploy::BytePatchDecode"]
+    assert all(g["custom_ops"] == [] for g in doc["graphs"][:4])
     assert doc["extra"] == {"patch_decode": "plugin", "patch_decode_sampling":
                             {"top_k": 0, "top_p": 1.0, "temperature": 0.0, "seed": 0}}
     for folder, float_type in ((fp32, "float32"), (fp16, "float16")):
@@ -129,7 +131,7 @@ def test_patch_decode_flag_is_for_bgpt_only(tmp_path):
     assert result.output.strip() == "Error: --patch-decode applies to bgpt checkpoints; this one is bitnet"
 
 
-def test_ort_keeps_byte_step_and_equals_eager(exported):
+def test_ort_keeps_byte_patch_and_equals_eager(exported):
     pytest.importorskip("onnxruntime_extensions")  # a dependency; absent only where installed without deps
     ckpt, fp32, _ = exported
     model, cfg, _ = load_model(ckpt)
@@ -138,7 +140,7 @@ def test_ort_keeps_byte_step_and_equals_eager(exported):
     runner = OrtRunner(bundle)
     ort = bgpt_loop.generate(bundle, runner, request)
     assert ort.outputs == bgpt.generate(model, cfg, request, "eager").outputs
-    assert FUSED not in runner.sessions and "byte_step" in runner.sessions
+    assert FUSED not in runner.sessions and "byte_patch_greedy" in runner.sessions
     with pytest.raises(UserError, match=r"no ONNX Runtime implementation of bytedeploy::BytePatchDecode"):
         runner.session(FUSED)
 
@@ -279,8 +281,8 @@ def test_seeded_sampling_repeats_with_a_fresh_plugin():
 
 
 class FakeTrtRunner:
-    """A runner named "trt": the bundle's ONNX graphs on ONNX Runtime (values as numpy, as TrtRunner's torch
-    tensors are indexable), patch_decode_fused as the plugin's computation on CPU tensors."""
+    """A runner named "trt": the bundle's ONNX graphs on ONNX Runtime (its runner interface, calls counted),
+    patch_decode_fused as the plugin's computation on CPU tensors."""
 
     name = "trt"
 
@@ -289,19 +291,26 @@ class FakeTrtRunner:
         self.plugin = create(fields_from_node(fused_node(bundle)))
         self.calls = {}
 
-    def run(self, graph: str, feeds: dict) -> dict:
+    def __getattr__(self, name):  # value, zeros, write, workspace(s), to_numpy: ONNX Runtime's
+        return getattr(self.ort, name)
+
+    def count(self, graph: str) -> None:
         self.calls[graph] = self.calls.get(graph, 0) + 1
+
+    def bind(self, graph: str, feeds: dict, outputs: dict, capture: bool = False):
+        call = self.ort.bind(graph, feeds, outputs)
+        return lambda: (self.count(graph), call())[1]
+
+    def run(self, graph: str, feeds: dict, outputs: dict | None = None) -> dict:
+        self.count(graph)
         if graph != FUSED:
-            return {k: self.ort.to_numpy(v) for k, v in self.ort.run(graph, feeds).items()}
-        feature, forced, n_forced = (torch.from_numpy(np.ascontiguousarray(feeds[n]))
+            return self.ort.run(graph, feeds, outputs)
+        feature, forced, n_forced = (torch.from_numpy(np.ascontiguousarray(self.ort.to_numpy(feeds[n])))
                                      for n in ("feature", "forced", "n_forced"))
         assert feature.shape == (forced.size(0), 128) and forced.dtype == n_forced.dtype == torch.int32
         patch = torch.empty_like(forced)
         self.plugin.decode(feature, forced, n_forced, patch)
-        return {"patch": patch}
-
-    def to_numpy(self, value) -> np.ndarray:
-        return value.numpy() if isinstance(value, torch.Tensor) else value
+        return {"patch": patch.numpy()}
 
 
 @pytest.mark.parametrize("prompt", [PROMPT, b"0123456789abcdef"])  # with and without forced tail bytes
@@ -314,7 +323,7 @@ def test_trt_branch_makes_one_fused_call_per_patch(exported, prompt):
     result = bgpt_loop.generate(bundle, runner, request)
     assert result.outputs == bgpt.generate(model, cfg, request, "eager").outputs
     n_patches = runner.calls[FUSED]
-    assert "byte_step" not in runner.calls and n_patches > 1
+    assert "byte_patch_greedy" not in runner.calls and n_patches > 1
     # patch_decode after every patch, but the last one when every row has ended
     assert runner.calls["patch_prefill"] == 1 and runner.calls["patch_decode"] in (n_patches - 1, n_patches)
 

@@ -15,7 +15,8 @@ from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest
 from bytedeploy.models import sigma_gpt as sg
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig
-from bytedeploy.sampling import SamplingConfig, make_generator
+from bytedeploy.models.sampling import make_generator
+from bytedeploy.sampling import SamplingConfig
 from bytedeploy.tokenizers import CharTokenizer
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -136,7 +137,8 @@ def test_burst_greedy_tokens_are_the_greedy_conditionals_along_its_order():
     would change later conditionals. Greedy burst must equal greedy decoding along the order it took."""
     model = sharpen(small_model(vocab_size=5, block_size=12), emb_std=1.0)
     prompt = [1, 3]
-    seq, generated_at, passes = sg.sample_burst(model, prompt, 11, 3, GREEDY, make_generator(0, "cpu"), n_orders=4)
+    seq, generated_at, passes = sg.sample_burst(model, prompt, 11, 3, GREEDY, make_generator(0, "cpu"),
+                                                sg.order_rng(0), n_orders=4)
     assert torch.equal(generated_at.sort(-1).values, torch.arange(13).expand(3, -1))
     replay = sg.sample_cached(model, prompt, generated_at, GREEDY, make_generator(0, "cpu"))
     assert torch.equal(seq, replay)
@@ -189,11 +191,11 @@ def test_burst_samples_follow_random_order_autoregressive_distribution():
     digits = 3 ** torch.arange(n_new - 1, -1, -1)
 
     def counts_of(n_orders, plan):
-        gen = make_generator(0, "cpu")
+        gen, rng = make_generator(0, "cpu"), sg.order_rng(0)
         counts = torch.zeros(len(probs), dtype=torch.long)
         for batch, calls in plan:
             for _ in range(calls):
-                seq, _, _ = sg.sample_burst(model, prompt, n_new, batch, SamplingConfig(), gen, n_orders)
+                seq, _, _ = sg.sample_burst(model, prompt, n_new, batch, SamplingConfig(), gen, rng, n_orders)
                 counts += torch.bincount((seq[:, 1:] * digits).sum(1), minlength=len(probs))
         return counts.numpy()
 
@@ -285,6 +287,7 @@ def test_sampling_on_cuda_matches_cpu(tmp_path):
                         "burst")
     assert [len(o.decode()) for o in burst.outputs] == [12, 12] and burst.passes > 0
     with torch.no_grad():
-        seq, generated_at, _ = sg.sample_burst(model, [1, 3], 12, 3, GREEDY, make_generator(0, "cuda"), n_orders=4)
+        seq, generated_at, _ = sg.sample_burst(model, [1, 3], 12, 3, GREEDY, make_generator(0, "cuda"),
+                                               sg.order_rng(0), n_orders=4)
         replay = sg.sample_cached(model, [1, 3], generated_at, GREEDY, make_generator(0, "cuda"))
     assert torch.equal(seq, replay)

@@ -14,7 +14,6 @@ first 256 are padding and carry no loss.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,95 +30,15 @@ from bytedeploy.data.files import (
     split_records,
 )
 from bytedeploy.errors import UserError
+from bytedeploy.families.bgpt import N_SYMBOLS, SPECIAL, UNIT, Config, encode_file, patches_to_bytes, plan_generation
+from bytedeploy.families.bgpt import PRESETS as PRESETS  # the registry's family interface (registry.py)
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig, init_gpt2_weights
-from bytedeploy.sampling import SamplingConfig, make_generator, sample, sample_host
+from bytedeploy.models.sampling import make_generator, sample
+from bytedeploy.sampling import SamplingConfig, sample_host
 
-SPECIAL = 256  # pad, BOS filler and EOS
-N_SYMBOLS = 257
 BACKENDS = ("eager-reference", "eager")
-UNIT = "byte"
 CLI_ALIASES = {"context": "n_patches"}  # --context counts patches per file, BOS and EOS included
-
-
-@dataclass
-class Config:
-    patch_size: int = 16  # PATCH_SIZE
-    n_patches: int = 512  # PATCH_LENGTH, BOS and EOS patches included
-    n_embd: int = 768
-    n_layer: int = 12  # patch-level decoder
-    n_head: int = 12
-    byte_n_layer: int = 3
-    byte_n_head: int = 12
-    dropout: float = 0.0
-    patch_sampling_batch_size: int = 0  # train the byte decoder on this many random patches per batch; 0 = all
-    task: str = "generate"  # "generate" or "classify"
-    labels: tuple = ()  # class names, for task == "classify"
-
-    def __post_init__(self):
-        if self.patch_size < 1 or self.n_patches < 3:
-            raise ValueError(f"need patch_size >= 1 and n_patches >= 3 (BOS, content, EOS), "
-                             f"got {self.patch_size} and {self.n_patches}")
-        if self.task not in ("generate", "classify"):
-            raise ValueError(f"task must be 'generate' or 'classify', got {self.task!r}")
-        if self.task == "classify" and len(self.labels) < 2:
-            raise ValueError("classification needs at least two labels")
-        if self.n_embd % self.n_head or self.n_embd % self.byte_n_head:
-            raise ValueError(f"n_embd {self.n_embd} must divide by n_head {self.n_head} and byte_n_head")
-
-    @property
-    def max_bytes(self) -> int:
-        """File bytes that fit beside the BOS and EOS patches."""
-        return (self.n_patches - 2) * self.patch_size
-
-
-PRESETS = {
-    "tiny": dict(n_patches=64, n_embd=128, n_layer=3, n_head=4, byte_n_layer=2, byte_n_head=4,
-                 patch_sampling_batch_size=256),
-    "small": dict(n_patches=256, n_embd=384, n_layer=6, n_head=6, byte_n_layer=2, byte_n_head=6),
-    "base": dict(),  # the paper's: 12 + 3 layers, hidden 768, patch 16, 512 patches, ~110M parameters
-}
-
-
-# ----------------------------------------------------------------------------------------------- encoding
-
-
-def ext_patch(ext: str, patch_size: int) -> np.ndarray:
-    b = list(ext.encode("utf-8"))[:patch_size]
-    return np.array(b + [SPECIAL] * (patch_size - len(b)), dtype=np.int64)
-
-
-def bytes_to_patches(data: bytes, patch_size: int) -> np.ndarray:
-    """File bytes padded with 256 to whole patches -> (n, patch_size)."""
-    arr = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-    n = -(-len(arr) // patch_size)
-    out = np.full(n * patch_size, SPECIAL, dtype=np.int64)
-    out[:len(arr)] = arr
-    return out.reshape(n, patch_size)
-
-
-def encode_file(data: bytes, ext: str, cfg: Config, eos: bool = True, truncate: bool = False) -> np.ndarray:
-    """The bGPT file encoding -> (n_patches_used, patch_size) int64 in 0..256."""
-    if not truncate and len(data) > cfg.max_bytes:
-        raise UserError(f"file of {len(data)} bytes exceeds the model's limit of {cfg.max_bytes} bytes "
-                        f"({cfg.n_patches} patches of {cfg.patch_size})")
-    parts = [ext_patch(ext, cfg.patch_size)[None], bytes_to_patches(data, cfg.patch_size)]
-    if eos:
-        parts.append(np.full((1, cfg.patch_size), SPECIAL, dtype=np.int64))
-    return np.concatenate(parts)[:cfg.n_patches]
-
-
-def conversion_prompt(data: bytes, src_ext: str, dst_ext: str, cfg: Config, truncate: bool = False) -> np.ndarray:
-    """Conversion input: the source encoding without its EOS patch, then the target extension's BOS patch."""
-    src = encode_file(data, src_ext, cfg, eos=False, truncate=truncate)
-    return np.concatenate([src, ext_patch(dst_ext, cfg.patch_size)[None]])
-
-
-def patches_to_bytes(patches) -> bytes:
-    """Generated patches -> file bytes: everything before the first 256."""
-    flat = np.asarray(patches).reshape(-1)
-    stop = np.flatnonzero(flat == SPECIAL)
-    return bytes(flat[:stop[0] if len(stop) else len(flat)].astype(np.uint8).tolist())
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -313,42 +232,6 @@ def labels_from(spec: str) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------------- generation
 
 
-def make_prompt(cfg: Config, request: GenerateRequest) -> tuple[np.ndarray, np.ndarray]:
-    """-> (whole prompt patches (n0, P), forced bytes that begin the first new patch (k,) with k < P).
-
-    options: ext (of the file to generate, default 'txt'); input (a file to convert) with target_ext."""
-    opts = request.options
-    if opts.get("input"):
-        from pathlib import Path
-
-        src = Path(opts["input"])
-        if not src.is_file():
-            raise UserError(f"input file not found: {src}")
-        if not opts.get("target_ext"):
-            raise UserError("conversion needs --to EXT, the extension of the file to produce")
-        ext = src.suffix.lstrip(".")
-        return conversion_prompt(src.read_bytes(), ext, opts["target_ext"], cfg), np.zeros(0, dtype=np.int64)
-    prompt = request.prompt
-    if len(prompt) > cfg.max_bytes:
-        raise UserError(f"prompt of {len(prompt)} bytes exceeds the model's limit of {cfg.max_bytes} bytes")
-    n_whole = len(prompt) // cfg.patch_size * cfg.patch_size
-    whole = encode_file(prompt[:n_whole], opts.get("ext", "txt"), cfg, eos=False)
-    tail = np.frombuffer(prompt[n_whole:], dtype=np.uint8).astype(np.int64)
-    return whole, tail
-
-
-def plan_generation(cfg: Config, request: GenerateRequest) -> tuple[np.ndarray, np.ndarray, int]:
-    """-> (the prompt's whole patches, its partial last patch's bytes, the most patches to generate); every backend
-    plans the same way."""
-    patches, tail = make_prompt(cfg, request)
-    if len(patches) >= cfg.n_patches:
-        raise UserError(f"the prompt fills all {cfg.n_patches} patches; nothing is left to generate")
-    max_patches = cfg.n_patches - len(patches)
-    if request.max_new:
-        max_patches = min(max_patches, -(-(request.max_new + len(tail)) // cfg.patch_size))
-    return patches, tail, max_patches
-
-
 def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str = "eager") -> GenerateResult:
     if cfg.task != "generate":
         raise UserError("this checkpoint is a classifier; use 'bytedeploy eval' to classify files")
@@ -485,15 +368,23 @@ def import_official_state_dict(official: dict[str, torch.Tensor], cfg: Config) -
     return ours
 
 
-def config_from_official(official: dict[str, torch.Tensor], n_head: int = 12, byte_n_head: int = 12) -> Config:
-    """Read the architecture off the tensor shapes (head counts are not in the shapes: the paper's are 12)."""
+def config_from_official(official: dict[str, torch.Tensor], n_head: int | None = None,
+                         byte_n_head: int | None = None) -> Config:
+    """Read the architecture off the tensor shapes. Head counts are not in the shapes: the official code always uses
+    hidden size / 64 for both decoders (12 for the paper's 768), the default here."""
     try:
         C, flat = official["patch_level_decoder.patch_embedding.weight"].shape
         n_patches = official["patch_level_decoder.base.wpe.weight"].shape[0]
     except KeyError as e:
         raise UserError(f"not an official bGPT checkpoint: no {e.args[0]}") from None
+    except (AttributeError, ValueError, IndexError, TypeError):
+        raise UserError("not an official bGPT checkpoint: its patch embedding is not a 2-d tensor") from None
     def count(prefix):
         return len({k.split(".")[len(prefix.split(".")) - 1] for k in official if k.startswith(prefix)})
+    n_head, byte_n_head = n_head or C // 64, byte_n_head or C // 64
+    if n_head < 1 or byte_n_head < 1:
+        raise UserError(f"cannot import these weights: hidden size {C} is under 64, so the official head count "
+                        "(hidden size / 64) is 0; give --n-head and --byte-n-head")
     try:
         return Config(patch_size=flat // N_SYMBOLS, n_patches=n_patches, n_embd=C,
                       n_layer=count("patch_level_decoder.base.h."), n_head=n_head,
@@ -502,20 +393,16 @@ def config_from_official(official: dict[str, torch.Tensor], n_head: int = 12, by
         raise UserError(f"cannot import these weights: {e}") from None
 
 
-def load_official(path: str, n_head: int = 12, byte_n_head: int = 12) -> tuple[Model, Config]:
-    """Load weights saved by the official bGPT code (torch.save({'model': state_dict, ...}))."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"weights not found: {path}") from None
-    except Exception as e:
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint: {str(e).splitlines()[0]}") from None
+def load_official(path: str, n_head: int | None = None, byte_n_head: int | None = None) -> tuple[Model, Config]:
+    """Load weights saved by the official bGPT code (torch.save({'model': state_dict, ...})); head counts default to
+    hidden size / 64, as there."""
+    from bytedeploy.checkpoint import load_plain_torch_file, load_weights
+
+    obj = load_plain_torch_file(path, "bGPT weights")
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise UserError(f"{path} holds no state dict")
     cfg = config_from_official(state, n_head, byte_n_head)
     model = Model(cfg)
-    from bytedeploy.checkpoint import load_weights
-
     load_weights(model, import_official_state_dict(state, cfg), source=path)
     return model.eval(), cfg

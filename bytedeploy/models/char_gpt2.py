@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,43 +49,16 @@ import torch.nn.functional as F
 from bytedeploy.data.text import TokenWindows
 from bytedeploy.data.text import load_corpus as text_corpus
 from bytedeploy.errors import UserError
-from bytedeploy.generation import GenerateRequest, GenerateResult
+from bytedeploy.families.char_gpt2 import DEFAULT_MAX_NEW, TOKENIZER_FILE, UNIT, Config, load_tokenizer, prompt_ids
+from bytedeploy.families.char_gpt2 import PRESETS as PRESETS  # the registry's family interface (registry.py)
+from bytedeploy.generation import GenerateRequest, GenerateResult, map_steps, stepwise
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig, init_gpt2_weights
-from bytedeploy.sampling import SamplingConfig, make_generator, sample, sample_host
+from bytedeploy.models.sampling import make_generator, sample
+from bytedeploy.sampling import SamplingConfig, sample_host
 from bytedeploy.tokenizers import CharTokenizer
 
 BACKENDS = ("eager-reference", "eager")
-UNIT = "char"
-TOKENIZER_FILE = "tokenizer.json"
-DEFAULT_MAX_NEW = 1000  # GPT-burn run's --n-new-tokens
 BUILTIN_DEFAULT_MB = 4.0  # builtin:stdlib without --first-mb
-
-
-@dataclass
-class Config:
-    block_size: int = 64  # context length
-    vocab_size: int = 0  # set from the corpus (or the stored tokenizer) by prepare_config
-    n_layer: int = 2
-    n_head: int = 2
-    n_embd: int = 64  # d_model
-    dropout: float = 0.2
-    gelu: str = "none"  # "none" = exact erf GELU (Burn's); "tanh" = OpenAI GPT-2's approximation
-
-    def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} must divide by n_head {self.n_head}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.gelu not in ("none", "tanh"):
-            raise ValueError(f"gelu must be 'none' (erf) or 'tanh', got {self.gelu!r}")
-
-
-PRESETS = {
-    "tiny": dict(block_size=64, n_embd=64, n_layer=2, n_head=2),  # GPT-burn's train defaults
-    "toy": dict(block_size=128, n_embd=768, n_layer=12, n_head=12),  # GPT-burn's published 83M toy model
-}
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -121,21 +92,6 @@ class Model(nn.Module):
 # ----------------------------------------------------------------------------------------------- data
 
 
-def load_tokenizer(options: dict) -> CharTokenizer | None:
-    """The checkpoint's tokenizer (options["assets"]) or a --tokenizer file; None when neither is given."""
-    if options.get("assets"):
-        path = Path(options["assets"]) / TOKENIZER_FILE
-        if not path.is_file():
-            raise UserError(f"checkpoint has no char tokenizer: {path} is missing")
-        return CharTokenizer.from_json(path.read_bytes(), str(path))
-    if options.get("tokenizer"):
-        path = Path(options["tokenizer"])
-        if not path.is_file():
-            raise UserError(f"tokenizer not found: {path}")
-        return CharTokenizer.from_json(path.read_bytes(), str(path))
-    return None
-
-
 def load_corpus(spec: str, options: dict) -> tuple[str, str]:
     return text_corpus(spec, options, BUILTIN_DEFAULT_MB)
 
@@ -167,15 +123,7 @@ def mask_unknown(logits: torch.Tensor, unknown_id: int) -> torch.Tensor:
     return logits
 
 
-def prompt_ids(request: GenerateRequest, tokenizer: CharTokenizer) -> list[int]:
-    try:
-        text = request.prompt.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"the prompt is not valid UTF-8: byte 0x{request.prompt[e.start]:02x} at offset {e.start}") \
-            from None
-    return tokenizer.encode(text or "\n")
-
-
+@stepwise
 def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str = "eager") -> GenerateResult:
     if backend not in BACKENDS:
         raise UserError(f"char-gpt2 has no backend {backend!r} here; choose from {', '.join(BACKENDS)}")
@@ -185,6 +133,7 @@ def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str =
     ids = prompt_ids(request, tokenizer)
     max_new = request.max_new or DEFAULT_MAX_NEW
     device = next(model.parameters()).device
+    decode = lambda rows: [tokenizer.decode(row).encode("utf-8") for row in rows]
     sync(device)
     t0 = time.perf_counter()
     if backend == "eager-reference":
@@ -192,12 +141,11 @@ def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str =
         rows = [generate_reference(model, ids, max_new, request.sampling, rng, tokenizer.unknown_id)
                 for _ in range(request.batch_size)]
     else:
-        rows = generate_cached(model, ids, max_new, request.sampling, request.batch_size,
-                               tokenizer.unknown_id).tolist()
+        steps = generate_cached.steps(model, ids, max_new, request.sampling, request.batch_size, tokenizer.unknown_id)
+        rows = (yield from map_steps(steps, lambda rows: decode(rows.tolist()))).tolist()
     sync(device)
     seconds = time.perf_counter() - t0
-    outputs = [tokenizer.decode(row).encode("utf-8") for row in rows]
-    return GenerateResult(outputs, sum(len(r) for r in rows), seconds, UNIT)
+    return GenerateResult(decode(rows), sum(len(r) for r in rows), seconds, UNIT)
 
 
 def sync(device: torch.device) -> None:
@@ -221,11 +169,12 @@ def generate_reference(model: Model, ids: list[int], max_new: int, sampling: Sam
     return ids[n_prompt:]
 
 
+@stepwise
 @torch.no_grad()
 def generate_cached(model: Model, ids: list[int], max_new: int, sampling: SamplingConfig, batch_size: int = 1,
                     unknown_id: int = 0) -> torch.Tensor:
     """Our loop: KV cache while the context has room, then a re-prefill of the sliding window per token; sampling
-    on the device; one host transfer at the end. -> new ids (batch_size, max_new)."""
+    on the device; one host transfer at the end. -> new ids (batch_size, max_new). Stepwise: a token per step."""
     device = next(model.parameters()).device
     T = model.cfg.block_size
     gen = make_generator(sampling.seed, device)
@@ -241,6 +190,7 @@ def generate_cached(model: Model, ids: list[int], max_new: int, sampling: Sampli
         n += 1
         if i + 1 == max_new:
             break
+        yield lambda n=n: seq[:, n0:n]
         if n <= T:
             logits = model.logits(seq[:, n - 1:n], caches, n - 1)[:, -1]
         else:  # the window slid: every position moved, so the cache is stale; recompute the whole window

@@ -59,8 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,42 +67,27 @@ import torch.nn.functional as F
 
 from bytedeploy.data.text import TokenWindows, load_corpus
 from bytedeploy.errors import UserError
-from bytedeploy.generation import GenerateRequest, GenerateResult
+from bytedeploy.families.sigma_gpt import PRESETS as PRESETS  # the registry's family interface (registry.py)
+from bytedeploy.families.sigma_gpt import (
+    TOKENIZER_FILE,
+    UNIT,
+    Config,
+    burst_draws,
+    filled_prefix,
+    generation_orders,
+    load_tokenizer,
+    order_rng,
+    plan_prompt,
+)
+from bytedeploy.generation import GenerateRequest, GenerateResult, map_steps, stepwise
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig, init_gpt2_weights
-from bytedeploy.sampling import SamplingConfig, make_generator, probabilities, sample, sample_host
+from bytedeploy.models.sampling import make_generator, probabilities, sample
+from bytedeploy.sampling import SamplingConfig, sample_host
 from bytedeploy.tokenizers import CharTokenizer
 
 BACKENDS = ("eager-reference", "eager", "burst")
-UNIT = "char"
-TOKENIZER_FILE = "tokenizer.json"
 BUILTIN_DEFAULT_MB = 2.0
-START_TEXT = "\n"  # the known first character of an unprompted sample
 EVAL_ORDER_SEED = 0
-
-
-@dataclass
-class Config:
-    vocab_size: int = 0  # set from the corpus's characters by prepare_config
-    block_size: int = 256  # tokens the model reads; a training window holds block_size + 1
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.2
-    order: str = "shuffle"  # training order: "shuffle" (a fresh permutation per sequence) or "left-to-right"
-
-    def __post_init__(self):
-        if self.order not in ("shuffle", "left-to-right"):
-            raise ValueError(f"order must be 'shuffle' or 'left-to-right', got {self.order!r}")
-        if self.n_embd % self.n_head or self.n_embd % 2:
-            raise ValueError(f"n_embd {self.n_embd} must be even and divide by n_head {self.n_head}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-
-
-PRESETS = {
-    "tiny": dict(block_size=64, n_layer=2, n_head=4, n_embd=64, dropout=0.0),
-    "small": dict(),  # nanoGPT's shakespeare_char config, the paper's text setting
-}
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -168,18 +151,6 @@ def corpus(spec: str, options: dict) -> tuple[str, str]:
     return load_corpus(spec, options, BUILTIN_DEFAULT_MB)
 
 
-def load_tokenizer(options: dict) -> CharTokenizer | None:
-    """The checkpoint's tokenizer (options["assets"]), or None before there is a checkpoint."""
-    if options.get("tokenizer"):
-        raise UserError("--tokenizer does not apply to sigma-gpt: it builds a character tokenizer from the data")
-    if not options.get("assets"):
-        return None
-    path = Path(options["assets"]) / TOKENIZER_FILE
-    if not path.is_file():
-        return None
-    return CharTokenizer.from_json(path.read_bytes(), str(path))
-
-
 def tokenizer_for(spec: str, options: dict) -> CharTokenizer:
     return load_tokenizer(options) or CharTokenizer.from_text(corpus(spec, options)[0])
 
@@ -202,20 +173,6 @@ def make_data(cfg: Config, spec: str, options: dict) -> TokenWindows:
 # ----------------------------------------------------------------------------------------------- generation
 
 
-def generation_orders(n_prompt: int, n_new: int, batch_size: int, mode: str, seed: int) -> np.ndarray:
-    """(batch_size, n_prompt + n_new) generation orders: the prompt left to right, then the new positions
-    left to right or in a random order per row (seeded, the same for every backend)."""
-    new = np.arange(n_prompt, n_prompt + n_new)
-    if mode == "left-to-right":
-        rows = [new] * batch_size
-    elif mode == "random":
-        rng = np.random.default_rng([seed, 1])
-        rows = [rng.permutation(new) for _ in range(batch_size)]
-    else:
-        raise UserError(f"unknown generation order {mode!r}; use 'left-to-right' or 'random'")
-    return np.stack([np.concatenate([np.arange(n_prompt), r]) for r in rows])
-
-
 @torch.no_grad()
 def sample_reference(model: Model, prompt: list[int], order: np.ndarray, sampling: SamplingConfig,
                      rng: np.random.Generator) -> list[int]:
@@ -233,35 +190,42 @@ def sample_reference(model: Model, prompt: list[int], order: np.ndarray, samplin
     return known
 
 
+@stepwise
 @torch.no_grad()
 def sample_cached(model: Model, prompt: list[int], orders: torch.Tensor, sampling: SamplingConfig,
                   gen: torch.Generator) -> torch.Tensor:
     """Autoregressive sampling in the given orders (B, L) with a KV cache: the prompt goes in with the first step,
-    then each step appends the last token with the position to generate next. -> (B, L) tokens by position."""
+    then each step appends the last token with the position to generate next. -> (B, L) tokens by position.
+    Stepwise: a token per step."""
     B, L = orders.shape
     P = len(prompt)
     caches = model.transformer.make_caches(B, L)
     seq = torch.zeros(B, L, dtype=torch.long, device=orders.device)
     seq[:, :P] = torch.tensor(prompt, device=orders.device)
+    filled = torch.zeros(B, L, dtype=torch.bool, device=orders.device)
     tokens, start = seq[:, :P], 0
     for i in range(P, L):
         T = tokens.size(1)  # the prompt at the first step, then the last token
         logits = model.logits(tokens, orders[:, i - T:i], orders[:, i - T + 1:i + 1], caches, start)[:, -1]
         token = sample(logits, sampling, gen)
         seq.scatter_(1, orders[:, i:i + 1], token[:, None])
+        filled.scatter_(1, orders[:, i:i + 1], True)
         start += T
         tokens = token[:, None]
+        if i + 1 < L:
+            yield lambda: filled_prefix(seq.cpu().numpy(), filled.cpu().numpy(), P)
     return seq
 
 
 @torch.no_grad()
 def sample_burst(model: Model, prompt: list[int], n_new: int, batch_size: int, sampling: SamplingConfig,
-                 gen: torch.Generator, n_orders: int = 4, resample_rejected: bool = True):
-    """Token-based rejection sampling (module docstring) on the eager model.
+                 gen: torch.Generator, rng: np.random.Generator, n_orders: int = 4, resample_rejected: bool = True):
+    """Token-based rejection sampling (module docstring) on the eager model: gen draws the tokens, rng
+    (order_rng) the scoring orders and acceptance tests.
 
     -> ((B, P + n_new) tokens by position, (B, P + n_new) the order positions were generated in, batched passes)."""
     passes = EagerBurstPasses(model, batch_size, n_orders, len(prompt) + n_new)
-    return burst_loop(passes, prompt, n_new, sampling, gen, resample_rejected)
+    return burst_loop(passes, prompt, n_new, sampling, gen, rng, resample_rejected)
 
 
 class EagerBurstPasses:
@@ -299,9 +263,9 @@ class EagerBurstPasses:
 
 
 def burst_loop(passes, prompt: list[int], n_new: int, sampling: SamplingConfig, gen: torch.Generator,
-               resample_rejected: bool = True):
-    """sample_burst over any passes object (EagerBurstPasses, or the bundle runtime's), so that every backend
-    draws the same random numbers in the same order."""
+               rng: np.random.Generator, resample_rejected: bool = True):
+    """sample_burst's loop on the device. runtimes/sigma_gpt.py has the same loop in numpy for bundles; both take
+    the scoring orders and acceptance uniforms from burst_draws, so that greedy burst output is the same."""
     device, B, N, P = passes.device, passes.batch_size, passes.n_orders, len(prompt)
     L = P + n_new
     rows = torch.arange(B, device=device)
@@ -328,7 +292,7 @@ def burst_loop(passes, prompt: list[int], n_new: int, sampling: SamplingConfig, 
         p_dist = probabilities(logits, sampling)  # (B, R, V)
         p = p_dist.gather(2, proposals[..., None])[..., 0]
         # 2. score: N random orders of the remaining positions, teacher-forced over the proposals, one pass
-        perms = torch.rand(N, B, R, device=device, generator=gen).argsort(-1)
+        perms, u = (torch.from_numpy(a).to(device) for a in burst_draws(rng, N, B, R))
         pos_in_order = remaining.expand(N, B, R).gather(2, perms)
         tok_in_order = proposals.expand(N, B, R).gather(2, perms)
         inputs = torch.cat([last.expand(N, B)[..., None], tok_in_order[..., :-1]], 2)
@@ -339,7 +303,6 @@ def burst_loop(passes, prompt: list[int], n_new: int, sampling: SamplingConfig, 
         q_dist = probabilities(scores, sampling).view(N, B, R, -1)
         q = q_dist.gather(3, tok_in_order[..., None])[..., 0]
         # 3. accept along each order while u < q/p; the first token of an order has q == p (module docstring)
-        u = torch.rand(B, R, device=device, generator=gen)
         accept = u.expand(N, B, R).gather(2, perms) < q / p.expand(N, B, R).gather(2, perms)
         accept[..., 0] = True
         run = accept.long().cumprod(2).sum(2)  # (N, B) accepted prefix lengths
@@ -376,22 +339,7 @@ def keep_order_entries(caches, best: torch.Tensor, start: int, m: int, n_orders:
             view[:, :, :, start:start + m] = view[best, rows, :, start:start + m]
 
 
-def plan_prompt(cfg: Config, tokenizer: CharTokenizer, request: GenerateRequest) -> tuple[list[int], int]:
-    """-> (prompt ids cropped to fit, new characters). All of it lives in one context of block_size + 1."""
-    try:
-        text = request.prompt.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"the prompt is not valid UTF-8: byte 0x{request.prompt[e.start]:02x} at offset {e.start}") \
-            from None
-    ids = tokenizer.encode(text or START_TEXT)
-    context = cfg.block_size + 1
-    n_new = request.max_new or max(context - len(ids), context // 2)
-    if n_new > cfg.block_size:
-        raise UserError(f"sigma-gpt samples inside one context: at most {cfg.block_size} new characters "
-                        f"(--max-new), asked for {n_new}")
-    return ids[-(context - n_new):], n_new
-
-
+@stepwise
 def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str = "eager") -> GenerateResult:
     """options: assets (the tokenizer), order ("left-to-right"/"random", eager backends), n_orders (burst, 4),
     resample_rejected (burst, True)."""
@@ -412,7 +360,8 @@ def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str =
             raise UserError(f"n_orders must be >= 1, got {n_orders}")
         gen = make_generator(sampling.seed, device)
         resample = bool(opts.get("resample_rejected", True))
-        seq, _, passes = sample_burst(model, prompt, n_new, B, sampling, gen, n_orders, resample)
+        seq, _, passes = sample_burst(model, prompt, n_new, B, sampling, gen, order_rng(sampling.seed), n_orders,
+                                      resample)
         rows = seq[:, P:].cpu().tolist()
     else:
         orders = generation_orders(P, n_new, B, opts.get("order", "left-to-right"), sampling.seed)
@@ -422,7 +371,9 @@ def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str =
             rows = [sample_reference(model, prompt, o, sampling, rng)[P:] for o in orders]
         else:
             gen = make_generator(sampling.seed, device)
-            rows = sample_cached(model, prompt, torch.tensor(orders, device=device), sampling, gen)[:, P:].tolist()
+            steps = sample_cached.steps(model, prompt, torch.tensor(orders, device=device), sampling, gen)
+            decode = lambda rows: [tokenizer.decode(r.tolist()).encode("utf-8") for r in rows]
+            rows = (yield from map_steps(steps, decode))[:, P:].tolist()
     sync(device)
     seconds = time.perf_counter() - t0
     outputs = [tokenizer.decode(r).encode("utf-8") for r in rows]
