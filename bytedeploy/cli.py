@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 from pathlib import Path
 
 import click
 
+from bytedeploy.cli_common import argument_bytes, check_writable_parent
 from bytedeploy.config import config_from_dict, config_to_dict, parse_overrides
+from bytedeploy.deploy_cli import COMMANDS as DEPLOY_COMMANDS
 from bytedeploy.errors import UserError
 from bytedeploy.registry import get_family
 
 
 class CLIGroup(click.Group):
-    """Turns a UserError anywhere below into click's one-line 'Error: ...' and exit status 1."""
+    """Turns a UserError anywhere below into click's one-line 'Error: ...' and exit status 1, and so does a missing
+    PyTorch in a command that needs it (a deploy install has none: pyproject.toml's train extra brings it)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
             raise click.ClickException(str(e)) from None
+        except ModuleNotFoundError as e:
+            if e.name != "torch":
+                raise
+            raise click.ClickException(f"{ctx.command_path} {ctx.invoked_subcommand or ''} needs PyTorch: "
+                                       'pip install "bytedeploy[train]"') from None
 
 
 @click.group(cls=CLIGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -147,6 +154,7 @@ def train(family, data_spec, eval_data, eval_split, preset, sets, context, d_mod
 
     fam = get_family(family)
     out = Path(out or f"runs/{family}-{preset}")
+    check_writable_parent(out)
     dist_info = init_distributed()
     dev = resolve_device(device, dist_info)
     resume_state = None
@@ -274,58 +282,41 @@ def generate(checkpoint, prompt, prompt_file, ext, input_path, target_ext, max_n
              temperature, seed, backend, gen_order, n_orders, steps, infill, device, out, force):
     """Sample from a trained CHECKPOINT or an exported bundle; prints the samples (or writes them with -o) and the
     speed."""
-    from bytedeploy.checkpoint import load_model
-    from bytedeploy.generation import GenerateRequest
+    from bytedeploy.generation import MAX_NEW, GenerateRequest
+    from bytedeploy.runner import is_bundle, open_model
     from bytedeploy.sampling import SamplingConfig
-    from bytedeploy.training import resolve_device
 
     if num_samples < 1 or max_new < 0:
         raise UserError("--num-samples must be >= 1 and --max-new >= 0")
+    if max_new > MAX_NEW:
+        raise UserError(f"--max-new {max_new} is over the limit of {MAX_NEW:,} new tokens per call")
+    if target_ext is not None and input_path is None:
+        raise UserError("--to needs --input, the file to convert")
+    if input_path is not None and not Path(input_path).is_file():
+        raise UserError(f"input file not found: {input_path}")
     try:
         sampling = SamplingConfig(top_k, top_p, temperature, seed)
     except ValueError as e:
         raise UserError(str(e)) from None
-    prompt_bytes = prompt.encode("utf-8")
+    prompt_bytes = argument_bytes(prompt, "--prompt")
     if prompt_file:
         if not Path(prompt_file).is_file():
             raise UserError(f"prompt file not found: {prompt_file}")
         prompt_bytes = Path(prompt_file).read_bytes()
-    if (Path(checkpoint) / "bundle.json").is_file():
-        from bytedeploy.exporters.bundle import load_bundle
-        from bytedeploy.runtimes import BACKENDS as BUNDLE_BACKENDS
-        from bytedeploy.runtimes import generate as generate_on
-
-        bundle = load_bundle(checkpoint)
-        family, assets = bundle.family, bundle.assets
-        burst = backend == "burst" and family == "sigma-gpt"  # the burst loop on the bundle's graphs, in ORT
-        runtime = "ort" if backend == "eager" or burst else backend
-        if runtime not in BUNDLE_BACKENDS:
-            raise UserError(f"a bundle runs on {', '.join(BUNDLE_BACKENDS)}"
-                            f"{' (and burst for sigma-gpt)' if family == 'sigma-gpt' else ''}; "
-                            f"{backend!r} needs the checkpoint")
-        run = lambda request: generate_on(bundle, request, runtime)  # noqa: E731
-        label = f"burst on {runtime}" if burst else runtime
-    else:
-        from bytedeploy.generation import checkpoint_backends, generate_from_checkpoint
-
-        model, cfg, ckpt = load_model(checkpoint, resolve_device(device))
-        family, assets = ckpt.family, ckpt.assets
-        available = checkpoint_backends(get_family(family))
-        if backend not in available:
-            raise UserError(f"{family} has no backend {backend!r}; available: {', '.join(available)}")
-        run = lambda request: generate_from_checkpoint(model, cfg, family, request, backend)  # noqa: E731
-        burst, label = False, backend
-    options = {"input": input_path, "target_ext": target_ext, "assets": str(assets),
+    if is_bundle(checkpoint) and backend == "eager":  # the option's default names a checkpoint's backend
+        backend = "ort"
+    model = open_model(checkpoint, backend, device)
+    family = model.family
+    check_conversion(family, model.trained, input_path, target_ext)
+    options = {"input": input_path, "target_ext": target_ext,
                **family_generate_options(family, backend, gen_order, n_orders, steps, infill)}
-    if burst:
-        options["burst"] = True
     if ext is not None:
         options["ext"] = ext
     elif prompt_file:
         options["ext"] = Path(prompt_file).suffix.lstrip(".") or "txt"
     request = GenerateRequest(prompt_bytes, max_new, num_samples, sampling, options)
     out_paths = planned_outputs(out, num_samples, target_ext or options.get("ext") or "txt", force)
-    result = run(request)
+    result = model.generate(request)
     for i, sample_bytes in enumerate(result.outputs):
         if out_paths:
             out_paths[i].parent.mkdir(parents=True, exist_ok=True)
@@ -335,9 +326,29 @@ def generate(checkpoint, prompt, prompt_file, ext, input_path, target_ext, max_n
                 click.echo(f"--- sample {i} ---")
             click.echo(sample_bytes.decode("utf-8", errors="replace"))
     passes = f", {result.passes / max(result.n_new, 1):.3f} passes per {result.unit}" if result.passes else ""
-    click.echo(f"{label}: {result.n_new} {result.unit}s in {result.seconds:.2f} s "
+    click.echo(f"{model.label}: {result.n_new} {result.unit}s in {result.seconds:.2f} s "
                f"({result.per_second:,.1f} {result.unit}s/s{passes})"
                + (f"; wrote {', '.join(map(str, out_paths))}" if out_paths else ""), err=True)
+
+
+def check_conversion(family: str, trained: dict, input_path, target_ext) -> None:
+    """--input/--to ask a bGPT to convert a file: refuse it for another family, and for a bGPT whose training run
+    (trained: the run's data options, or a bundle's extra) did not learn that conversion. Imported weights carry no
+    record of their training ("conversion" absent): they may try."""
+    from bytedeploy.data.files import parse_conversion
+
+    if input_path is None:
+        return
+    if family != "bgpt":
+        raise UserError(f"--input and --to convert files with a bgpt model; this is a {family} model")
+    if target_ext is None or "conversion" not in trained:
+        return
+    mode, src = trained["conversion"], Path(input_path).suffix.lstrip(".")
+    if not mode:
+        raise UserError(f"this bgpt was not trained for conversion, so it cannot convert .{src} to .{target_ext} "
+                        f"(train one with --conversion '{src}->{target_ext}')")
+    if (src, target_ext) not in parse_conversion(mode):
+        raise UserError(f"this bgpt was trained for conversion {mode!r}; it cannot convert .{src} to .{target_ext}")
 
 
 def family_generate_options(family: str, backend: str, gen_order, n_orders, steps, infill) -> dict:
@@ -356,19 +367,10 @@ def family_generate_options(family: str, backend: str, gen_order, n_orders, step
     if gen_order is not None and backend == "burst":
         raise UserError("--gen-order applies to the eager backends; burst draws its own random orders")
     if infill is not None:
+        from bytedeploy.families.bfn import parse_infill
+
         options["infill"] = parse_infill(infill)
     return options
-
-
-def parse_infill(template: str) -> list:
-    """'def [[4]](self):' -> ['def ', 4, '(self):']: text to keep and hole sizes in tokens (bfn's infill)."""
-    parts = re.split(r"\[\[(\d+)\]\]", template)
-    out = [int(p) if i % 2 else p for i, p in enumerate(parts) if i % 2 or p]
-    if not any(isinstance(p, int) for p in out):
-        raise UserError("--infill needs at least one hole written [[N]] (N tokens to fill)")
-    if any(isinstance(p, int) and p < 1 for p in out):
-        raise UserError("--infill holes need N >= 1 tokens")
-    return out
 
 
 def planned_outputs(out, n: int, ext: str, force: bool) -> list[Path]:
@@ -383,15 +385,6 @@ def planned_outputs(out, n: int, ext: str, force: bool) -> list[Path]:
         raise UserError(f"{out} is a folder; give a file name for one sample")
     check_writable_parent(paths[0])
     return paths
-
-
-def check_writable_parent(path: Path) -> None:
-    """Refuse, before any work, an output whose folder cannot be made because a file stands in its way."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
-            return
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -413,6 +406,8 @@ def eval_cmd(checkpoint, data_spec, eval_split, batches, batch_size, device):
     from bytedeploy.checkpoint import load_model
     from bytedeploy.training import TrainConfig, evaluate, resolve_device
 
+    if batches < 1 or batch_size < 1:
+        raise UserError("--batches and --batch-size must be >= 1")
     dev = resolve_device(device)
     model, cfg, ckpt = load_model(checkpoint, dev)
     fam = get_family(ckpt.family)
@@ -492,8 +487,10 @@ _mount_tokenizer()
 @click.argument("family", type=click.Choice(["bgpt"]))
 @click.argument("weights", type=click.Path())
 @click.option("-o", "--out", type=click.Path(), required=True, help="Checkpoint folder to write.")
-@click.option("--n-head", type=int, default=12, show_default=True, help="Patch-level decoder heads (not in shapes).")
-@click.option("--byte-n-head", type=int, default=12, show_default=True, help="Byte-level decoder heads.")
+@click.option("--n-head", type=int, default=None,
+              help="Patch-level decoder heads (not in the shapes) [default: hidden size / 64, as the official code].")
+@click.option("--byte-n-head", type=int, default=None,
+              help="Byte-level decoder heads [default: hidden size / 64, as the official code].")
 @click.option("--force", is_flag=True, help="Overwrite an existing checkpoint in --out.")
 def import_cmd(family, weights, out, n_head, byte_n_head, force):
     """Convert published weights (bGPT's weights-*.pth from the official code) into a bytedeploy checkpoint."""
@@ -530,14 +527,8 @@ def demo(steps, out, force, device):
     click.echo(f"--- {sample_path} (first 600 bytes) ---\n{text[:600]}")
 
 
-def _mount_deploy_commands():
-    from bytedeploy.deploy_cli import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
-
-
-_mount_deploy_commands()
+for deploy_command in DEPLOY_COMMANDS:  # the deployment commands (deploy_cli.py)
+    cli.add_command(deploy_command)
 
 
 def main():

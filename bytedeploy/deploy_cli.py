@@ -1,6 +1,6 @@
 """Deployment commands: export (checkpoint -> bundle), verify (numerics across backends), build (TensorRT engines).
 
-Mounted on the main ``bytedeploy`` group by cli.py.
+Mounted on the main ``bytedeploy`` group by cli.py; imports nothing from it (shared helpers: cli_common.py).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from bytedeploy.runtimes.targets import TARGETS
+from bytedeploy.serve.command import serve
 from bytedeploy.verify import tolerance_help
 
 
@@ -24,7 +26,7 @@ from bytedeploy.verify import tolerance_help
 @click.option("--patch-decode", type=click.Choice(["plugin"]), default=None,
               help="bGPT only: 'plugin' = also export patch_decode_fused, one bytedeploy::BytePatchDecode node that "
                    "decodes a whole patch (greedy) in the TensorRT plugin; the trt backend then makes one call per "
-                   "patch. [default: none, byte_step per byte]")
+                   "patch. [default: none, the byte_patch graphs]")
 @click.option("--opset", type=int, default=None, help="ONNX opset (18 or newer) [default: 18].")
 @click.option("--force", is_flag=True, help="Replace an existing bundle in --out.")
 def export(checkpoint, out, precision, bitlinear, patch_decode, opset, force):
@@ -68,29 +70,57 @@ def verify(checkpoint, bundle, backends, decode_steps, batch_size, atol, rtol, s
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Precision TensorRT may choose kernels in [default: the bundle's]. TensorRT-RTX builds strongly "
                    "typed networks: its engines always compute in the bundle's precision.")
-@click.option("--max-batch", type=int, default=8, show_default=True, help="Largest batch of the optimization profiles.")
+@click.option("--max-batch", type=int, default=None,
+              help="Largest batch of the optimization profiles [default: 8; with --target or --max-memory the "
+                   "largest that fits, up to 64].")
 @click.option("--max-len", type=int, default=None,
-              help="Longest sequence / KV-cache length of the profiles [default: the model's context].")
+              help="Longest sequence / KV-cache length of the profiles [default: the model's context; with --target "
+                   "or --max-memory the longest that fits].")
+@click.option("--target", default=None,
+              help=f"Build for a named device ({', '.join(t for t in TARGETS if t != 'cpu')}): its usable memory "
+                   "bounds the profiles, and its GPU must be this one.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory the model may use, e.g. 6GiB: the profiles are the largest that fit (see `bytedeploy "
+                   "doctor BUNDLE --memory SIZE`).")
 @click.option("--timing-cache", type=click.Path(), default=None,
               help="Timing cache file, read and updated [default: BUNDLE/engines/timing.cache].")
+@click.option("--plugins", type=click.Path(), default=None,
+              help="The C++ plugin library (libbytedeploy_trt_plugins.so, `python -m bytedeploy.plugins.build_trt`) "
+                   "for graphs with bytedeploy plugins [default: the one built beside the package, else the Python "
+                   "plugins, which need torch].")
 @click.option("--force", is_flag=True, help="Rebuild engines that exist.")
-def build(bundle, out, precision, max_batch, max_len, timing_cache, force):
+def build(bundle, out, precision, max_batch, max_len, target, max_memory, timing_cache, plugins, force):
     """Build TensorRT engines from the BUNDLE's graphs, with optimization profiles from its config.
 
     Uses the `tensorrt` module when importable, else `tensorrt_rtx` (ahead-of-time build without a GPU; no plugin
     layers, so bundles exported with --bitlinear plugin or --patch-decode plugin are refused under it)."""
     from bytedeploy.exporters.trt_build import build_engines
 
-    build_engines(bundle, out, precision, max_batch, max_len, timing_cache, force)
+    if target is not None or max_memory is not None:
+        from bytedeploy.exporters.bundle import load_bundle
+        from bytedeploy.runtimes.targets import get_target, parse_size, plan_build
+
+        bundle = load_bundle(bundle)
+        plan = plan_build(bundle, get_target(target) if target else None,
+                          parse_size(max_memory) if max_memory else None, max_batch, max_len)
+        if plan is not None:
+            best, line = plan
+            click.echo(line)
+            max_batch, max_len = best.batch, best.context
+    build_engines(bundle, out, precision, max_batch or 8, max_len, timing_cache, force, plugins)
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path())
-@click.option("--backends", default="eager-reference,eager,native", show_default=True,
+@click.argument("checkpoint", metavar="CHECKPOINT_OR_BUNDLE", type=click.Path())
+@click.option("--backends", default=None,
               help="Comma-separated: eager-reference, eager, burst (sigma-GPT), native, native+compile (bGPT), and "
-                   "on an exported --bundle: ort, ort-cuda, trt. Rows that cannot run here are recorded as skipped.")
+                   "on an exported bundle (the argument, or --bundle beside a checkpoint): ort, ort-cuda, trt. Rows "
+                   "that cannot run here are recorded as skipped. [default: eager-reference,eager,native; on a "
+                   "bundle: ort]")
 @click.option("--batch-sizes", default="1,8,64", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--max-new", type=int, default=256, show_default=True, help="New tokens (bytes for bGPT) per row.")
+@click.option("--max-new", type=int, default=None,
+              help="New tokens (bytes for bGPT) per row [default: 256, or fewer where the model's context holds "
+                   "fewer (sigma-GPT, the Bayesian-flow LM)].")
 @click.option("--prompt", default="import os\n", show_default=True, help="Prompt text (UTF-8).")
 @click.option("--bundle", type=click.Path(), default=None, help="Exported bundle for the ort / ort-cuda / trt rows.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed calls per row (the median is kept).")
@@ -111,10 +141,21 @@ def build(bundle, out, precision, max_batch, max_len, timing_cache, force):
 @click.option("--force", is_flag=True, help="Overwrite existing --out / --plot files.")
 def bench(checkpoint, backends, batch_sizes, max_new, prompt, bundle, repeats, reference_max_batch, dtype, options,
           top_k, top_p, temperature, seed, device, out, plot, force):
-    """Time generation of CHECKPOINT on each backend x batch size: latency per token (and per patch for bGPT),
-    throughput, peak GPU memory and the speed-up over eager-reference, measured in one run."""
-    from bytedeploy.bench import BenchConfig, parse_value, run_bench, summary_lines, write_json, write_plot
-    from bytedeploy.cli import check_writable_parent
+    """Time generation of a CHECKPOINT (or an exported BUNDLE) on each backend x batch size: latency per token (and
+    per patch for bGPT), throughput, peak GPU memory and the speed-up over eager-reference, measured in one run. On a
+    bundle: its ONNX Runtime / TensorRT backends only, without PyTorch."""
+    from bytedeploy.bench import (
+        BUNDLE_DEFAULT,
+        CHECKPOINT_DEFAULT,
+        BenchConfig,
+        is_bundle,
+        parse_value,
+        run_bench,
+        summary_lines,
+        write_json,
+        write_plot,
+    )
+    from bytedeploy.cli_common import argument_bytes, check_writable_parent
     from bytedeploy.errors import UserError
     from bytedeploy.sampling import SamplingConfig
 
@@ -133,9 +174,10 @@ def bench(checkpoint, backends, batch_sizes, max_new, prompt, bundle, repeats, r
         if Path(path).exists() and not force:
             raise UserError(f"{path} exists; use --force to overwrite")
         check_writable_parent(Path(path))
+    backends = backends or (BUNDLE_DEFAULT if is_bundle(checkpoint) else CHECKPOINT_DEFAULT)
     bc = BenchConfig([b.strip() for b in backends.split(",") if b.strip()], sizes, max_new,
-                     prompt.encode("utf-8"), repeats, reference_max_batch, bundle, device, dtype, family_options,
-                     sampling)
+                     argument_bytes(prompt, "--prompt"), repeats, reference_max_batch, bundle, device, dtype,
+                     family_options, sampling)
     result = run_bench(checkpoint, bc, echo=click.echo)
     click.echo("\n".join(summary_lines(result)))
     if out:
@@ -145,4 +187,58 @@ def bench(checkpoint, backends, batch_sizes, max_new, prompt, bundle, repeats, r
         click.echo(write_plot(result, plot))
 
 
-COMMANDS = (export, verify, build, bench)
+@click.command()
+@click.argument("bundle", type=click.Path(), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--memory", default=None, metavar="SIZE",
+              help="Plan the BUNDLE's memory in SIZE (e.g. 8GiB, 8GB, 512MiB): weights + KV caches + workspace at "
+                   "each batch size and context length, and the largest that fits.")
+def doctor(bundle, as_json, memory):
+    """What this machine is and what it can run: platform, Jetson module and JetPack, GPU, runtime packages, and
+    for a BUNDLE (or its engines folder) whether each backend runs here, or why not.
+
+    Reads the system under BYTEDEPLOY_SYSROOT (default /)."""
+    from bytedeploy.runtimes.doctor import doctor as report
+    from bytedeploy.runtimes.targets import parse_size
+
+    click.echo(report(bundle, parse_size(memory) if memory is not None else None, as_json))
+
+
+@click.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--target", required=True,
+              help=f"The device: {', '.join(TARGETS)}. It picks the onnxruntime package (NVIDIA's onnxruntime-gpu "
+                   "for JetPack on a Jetson) and, for a Jetson, checks that the model fits its memory.")
+@click.option("-o", "--out", type=click.Path(), required=True, help="The pack to write, NAME.tar.gz.")
+@click.option("--wheel", type=click.Path(), default=None,
+              help="bytedeploy's wheel to put in [default: built with pip from the source tree it was installed "
+                   "from].")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
+def pack(bundle, target, out, wheel, force):
+    """Pack the BUNDLE for a device into one archive: the bundle, bytedeploy's wheel, a requirements file for the
+    target, a `run` script, and SHA256SUMS.
+
+    On the device: tar -xzf NAME.tar.gz && NAME/run --prompt "..." (the run script makes a virtual environment,
+    installs, builds TensorRT engines where TensorRT is, then runs `bytedeploy generate` with its arguments;
+    `NAME/run serve ...` runs `bytedeploy serve`)."""
+    from bytedeploy.runtimes.pack import pack as write_pack
+
+    for line in write_pack(bundle, target, out, force, wheel):
+        click.echo(line)
+
+
+@click.command()
+@click.argument("archive", type=click.Path())
+@click.option("-o", "--out", type=click.Path(), default=".", show_default=True,
+              help="Folder to unpack into; the pack lands in OUT/NAME.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT/NAME.")
+def unpack(archive, out, force):
+    """Unpack a pack made by `bytedeploy pack`: refuses members that would land outside OUT, links and devices, and
+    checks every file against SHA256SUMS before the folder is put in place."""
+    from bytedeploy.runtimes.pack import unpack as unpack_archive
+
+    folder = unpack_archive(archive, out, force)
+    click.echo(f"unpacked {folder}; run it with {folder / 'run'} --prompt ...")
+
+
+COMMANDS = (export, verify, build, bench, doctor, pack, unpack, serve)

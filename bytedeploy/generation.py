@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from bytedeploy.sampling import SamplingConfig
+
+# New tokens (bytes for bGPT) one request may ask for. char GPT-2 and BitNet slide their context window and would
+# run on without end; bGPT, sigma-GPT and the Bayesian-flow LM stop at (or refuse past) their context well before.
+MAX_NEW = 1 << 16
 
 
 @dataclass
@@ -30,31 +35,49 @@ class GenerateResult:
         return self.n_new / self.seconds if self.seconds > 0 else float("inf")
 
 
-NATIVE_BACKENDS = ("native", "native+compile")  # runtimes/native.py: CUDA graphs over the checkpoint's model
+@dataclass
+class RowUpdate:
+    """What one step of a batch session (bytedeploy.runner) did to one row."""
+
+    row: int
+    new: bytes = b""  # output bytes this step added (what was given out is never taken back)
+    done: bool = False
+    output: bytes | None = None  # when done: the whole output, as generate() returns it
+    error: Exception | None = None  # the row failed (a UserError: the request's fault); it is done
 
 
-def checkpoint_backends(family_module) -> tuple[str, ...]:
-    """The backends that run a checkpoint of this family: its own eager loops, then the native GPU runtime."""
-    return tuple(family_module.BACKENDS) + NATIVE_BACKENDS
+def stepwise(loop):
+    """A sampling loop written as a generator, callable two ways. loop(...) runs it to its end and returns what it
+    returns (the offline call). loop.steps(...) is the generator itself, for continuous batching
+    (bytedeploy.runner.StepSession): it yields after each step (a token; bGPT: a patch; a BFN sampling step) a
+    function that reads the outputs so far (each a prefix of the final one), called only by those who want them,
+    so the offline call pays no host transfer for it. The return value is the loop's result. Several calls' generators
+    may be stepped in turn on one model: a call's state (caches, positions) must be its own."""
+
+    @functools.wraps(loop)
+    def run(*args, **kwargs):
+        return run_steps(loop(*args, **kwargs))
+
+    run.steps = loop
+    return run
 
 
-def generate_from_checkpoint(model, cfg, family: str, request: GenerateRequest, backend: str) -> GenerateResult:
-    """Sample from a loaded checkpoint with one of checkpoint_backends(family); the one dispatch used by the
-    generate and bench commands."""
-    import dataclasses
+def run_steps(steps):
+    """Drive a stepwise loop's generator to its end -> its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
-    from bytedeploy.errors import UserError
-    from bytedeploy.registry import get_family
 
-    fam = get_family(family)
-    if backend not in checkpoint_backends(fam):
-        raise UserError(f"{family} has no backend {backend!r}; available: {', '.join(checkpoint_backends(fam))}")
-    if backend in NATIVE_BACKENDS:
-        from bytedeploy.runtimes.native import generate as generate_native
+def map_steps(steps, finish):
+    """Yield from a stepwise loop with each partial read through finish (the post-processing its final value gets,
+    so that partial outputs are prefixes of the final ones) -> the loop's return value, unfinished."""
+    while True:
+        try:
+            read = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield lambda read=read: finish(read())
 
-        if backend == "native+compile":
-            if family != "bgpt":
-                raise UserError("native+compile is implemented for bgpt; use --backend native")
-            request = dataclasses.replace(request, options=dict(request.options, compile=True))
-        return generate_native(model, cfg, family, request)
-    return fam.generate(model, cfg, request, backend)

@@ -64,7 +64,7 @@ def verify(checkpoint, bundle, backends: list[str], decode_steps: int = 32, batc
     from bytedeploy.errors import UserError
     from bytedeploy.exporters import family_exporter
     from bytedeploy.exporters.bundle import load_bundle
-    from bytedeploy.runtimes import BACKENDS
+    from bytedeploy.runner import BUNDLE_BACKENDS as BACKENDS
 
     if not backends:
         raise UserError(f"no backend to verify; choose from {', '.join(BACKENDS)}")
@@ -115,9 +115,9 @@ def check_same_model(ckpt, cfg, bundle) -> None:
 def run_cases(bundle, backend: str, cases: list[VerifyCase]) -> list[dict[str, np.ndarray]]:
     """Every case on one backend -> its outputs (the names each case expects) as numpy arrays."""
     from bytedeploy.errors import UserError
-    from bytedeploy.runtimes import make_runner
+    from bytedeploy.runner import BundleModel
 
-    runner = make_runner(bundle, backend)
+    runner = BundleModel(bundle, backend).graph_runner
     results = []
     for case in cases:
         out = runner.run(case.graph, case.feeds)

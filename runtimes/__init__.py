@@ -1,13 +1,15 @@
 """bytedeploy.runtimes: sampling loops over exported bundles.
 
-A runner executes one bundle graph by name: ``runner.run(graph, feeds) -> {output name: value}`` with values
-that can be fed back as inputs (KV caches stay on the device) and ``runner.to_numpy(value)`` for what the loop
-reads on the host. OrtRunner (ort.py) and TrtRunner (trt.py) implement it. Each family has one loop module,
-runtimes/<family>.py, providing
+A runner executes one bundle graph by name: ``runner.run(graph, feeds, outputs) -> {output name: value}`` with values
+that can be fed back as inputs (KV caches stay on the device), ``runner.bind(graph, feeds, outputs, capture)`` for a
+call whose inputs and outputs are bound once (a loop's step; on ort-cuda a CUDA graph), ``value``, ``zeros`` and
+``write`` for the buffers a loop keeps on the device, ``workspace`` to keep them across generate calls, and
+``to_numpy`` for what the loop reads on the host. OrtRunner (ort.py) and TrtRunner (trt.py) implement it. Each family
+has one loop module, runtimes/<family>.py, providing
 
     generate(bundle, runner, request: GenerateRequest) -> GenerateResult
 
-written once against the runner interface and the shared bytedeploy.sampling module.
+written once against the runner interface; runtimes/bundle_session.py batches requests over the same state.
 """
 
 from __future__ import annotations

@@ -1,0 +1,402 @@
+"""`bytedeploy serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one scheduler per model.
+
+    POST /v1/completions   OpenAI completions: prompt, max_tokens, temperature, top_p, top_k (extension), seed,
+                           stop, n, stream (server-sent events ending in "data: [DONE]"); usage counts; family
+                           options in the "bytedeploy" field (serve/api.py)
+    GET  /v1/models        the one model served
+    GET  /health           200 while the server is up
+    GET  /ready            200 once the model is loaded and warmed (its first request done), else 503
+    GET  /metrics          Prometheus: requests by status, tokens generated, queue depth, running batch size,
+                           time to first token and per-token latency histograms
+
+Errors are OpenAI-style JSON bodies ({"error": {"message", "type", "param", "code"}}), never a stack trace: 400 for
+a bad request (one beyond the model's limits too), 401 without the --api-key's Bearer token (compared in constant
+time; /health, /ready and /metrics stay open), 413 past the body limit (FastAPI's max_body_size), 429 with
+Retry-After when the queue is full, 503 before the model is ready, 504 past the per-request timeout. It binds
+127.0.0.1 unless told otherwise.
+SIGTERM: uvicorn stops accepting connections and waits for the requests in flight to finish, then the scheduler
+stops and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException
+
+from bytedeploy.errors import UserError
+from bytedeploy.generation import GenerateRequest
+from bytedeploy.sampling import SamplingConfig
+from bytedeploy.serve.api import EXTENSION, ChoiceText, CompletionRequest, generate_requests
+from bytedeploy.serve.scheduler import Job, QueueFull, Scheduler
+
+BEARER = HTTPBearer(auto_error=False)  # Authorization: Bearer KEY, checked by create_app's authorized()
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8  # rows in the running batch
+    max_queue: int = 64  # requests (choices) waiting to join it; more get 429
+    api_key: str | None = None
+    request_timeout: float = 300.0  # seconds from arrival to the last byte of the answer
+    max_body_bytes: int = 1 << 20
+    model_name: str = ""  # the id /v1/models reports [the folder's name]
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("bytedeploy_requests", "HTTP requests to /v1, by status code", ["status"], registry=r)
+        self.tokens = Counter("bytedeploy_generated_tokens", "Tokens generated (the model's unit)", registry=r)
+        self.queue_depth = Gauge("bytedeploy_queue_depth", "Requests waiting to join the batch", registry=r)
+        self.running_batch_size = Gauge("bytedeploy_running_batch_size", "Rows in the running batch", registry=r)
+        self.time_to_first_token = Histogram("bytedeploy_time_to_first_token_seconds",
+                                             "From arrival to the first output", buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram("bytedeploy_time_per_output_token_seconds",
+                                               "Between outputs of a request, per token", buckets=LATENCY_BUCKETS,
+                                               registry=r)
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            413: "invalid_request_error", 429: "rate_limit_error", 503: "server_unavailable",
+            504: "timeout_error"}.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+class CountStatus:
+    """ASGI middleware: counts the responses to /v1 by status code (bytedeploy_requests_total), and gives the 413
+    of FastAPI's body limit (which Starlette answers in plain text) the OpenAI-style JSON body of every other error."""
+
+    def __init__(self, app, counter: Counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        too_large = False
+
+        async def counted_send(message):
+            nonlocal too_large
+            if message["type"] == "http.response.start":
+                self.counter.labels(str(message["status"])).inc()
+                too_large = message["status"] == 413
+                if too_large:
+                    return
+            elif too_large:  # the plain-text body: replaced once, by the JSON error's whole response
+                if not message.get("more_body", False):
+                    body = json.dumps(error_body(413, "the request body is larger than the server's --max-body"))
+                    await send({"type": "http.response.start", "status": 413,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body.encode()})
+                return
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
+
+
+def create_app(model, config: ServeConfig) -> CountStatus:
+    """The ASGI app serving model (a bytedeploy.runner.ModelRunner); its scheduler runs while the app does. The
+    FastAPI app sits inside CountStatus, which sees every response, the body limit's 413 included."""
+    metrics = Metrics()
+    name = config.model_name or model.path.name
+    scheduler = Scheduler(model, config.max_batch, config.max_queue, metrics)  # a model that cannot batch says so now
+    ready = threading.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        warmup = asyncio.create_task(warm_up())
+        yield
+        warmup.cancel()
+        scheduler.stop()
+
+    async def warm_up() -> None:
+        """The model's first request (lazy initialisation, graph capture) before /ready says so."""
+        [job] = scheduler.submit([warmup_request_for(model.family)])
+        while not (update := await job.updates.get()).done:
+            pass
+        if update.error is not None:
+            logging.getLogger("uvicorn.error").error("the model cannot generate, /ready stays 503: %s", update.error)
+        else:
+            ready.set()
+
+    app = FastAPI(title="bytedeploy", lifespan=lifespan, max_body_size=config.max_body_bytes)
+
+    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        if config.api_key is None:
+            return
+        given = credentials.credentials.encode() if credentials else b""
+        if not secrets.compare_digest(given, config.api_key.encode()):
+            raise HTTPException(401, "a valid API key is needed: Authorization: Bearer KEY",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        message = e.detail if isinstance(e.detail, str) else HTTPStatus(e.status_code).phrase
+        return error_response(e.status_code, message, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON")
+        where = ".".join(str(p) for p in first.get("loc", ())[1:])
+        return error_response(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), where or None)
+
+    @app.exception_handler(UserError)
+    async def bad_request(request: Request, e: UserError):
+        return error_response(400, str(e))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception):
+        return error_response(500, f"internal error: {type(e).__name__}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def is_ready():
+        if not ready.is_set():
+            return error_response(503, "the model is loading", headers={"Retry-After": "1"})
+        return {"status": "ready", "model": name, "family": model.family, "backend": model.label}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "bytedeploy",
+                                            "family": model.family, "backend": model.label}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest, request: Request):
+        if not ready.is_set():
+            return error_response(503, "the model is loading", headers={"Retry-After": "1"})
+        if body.model not in (None, name):
+            return error_response(404, f"model {body.model!r} is not served here; /v1/models lists {name!r}",
+                                  "model")
+        if body.n > config.max_batch:
+            return error_response(400, f"n is at most the batch size, {config.max_batch}", "n")
+        requests = generate_requests(body, model.family, model.limits.max_new)
+        for r in requests:
+            model.check(r)
+        try:
+            jobs = scheduler.submit(requests)
+        except QueueFull as e:
+            return error_response(429, f"the server is busy: {e}", headers={"Retry-After": "1"})
+        completion = Completion(model, scheduler, metrics, body, requests[0], jobs, name,
+                                time.monotonic() + config.request_timeout)
+        if body.stream:
+            return await completion.stream()
+        return await completion.answer(request)
+
+    return CountStatus(app, metrics.requests)
+
+
+class Completion:
+    """One /v1/completions call: its jobs (one per choice), their texts and the response."""
+
+    def __init__(self, model, scheduler: Scheduler, metrics: Metrics, body: CompletionRequest,
+                 request: GenerateRequest, jobs: list[Job], name: str, deadline: float):
+        from bytedeploy.serve.api import stop_strings
+
+        self.model, self.scheduler, self.metrics, self.body, self.jobs = model, scheduler, metrics, body, jobs
+        self.texts = [ChoiceText(stop_strings(body)) for _ in jobs]
+        self.outputs = [bytearray() for _ in jobs]
+        self.prompt_tokens = model.count_tokens(request.prompt) + len(request.options.get("input_data") or b"")
+        self.max_new = request.max_new or model.limits.max_new
+        self.id = f"cmpl-{secrets.token_hex(12)}"
+        self.created, self.name, self.deadline = int(time.time()), name, deadline
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            self.scheduler.cancel(job)
+
+    async def next_update(self, i: int):
+        """Choice i's next RowUpdate; TimeoutError past the deadline."""
+        return await asyncio.wait_for(self.jobs[i].updates.get(), max(self.deadline - time.monotonic(), 0.0))
+
+    def take(self, i: int, update) -> str:
+        """Choice i's update -> the text it adds; a stop string cancels the job."""
+        if update.error is not None:
+            raise update.error
+        self.outputs[i] += update.new
+        text = self.texts[i].feed(update.new, final=update.done)
+        if self.texts[i].stopped:
+            self.scheduler.cancel(self.jobs[i])
+        return text
+
+    def finish_reason(self, i: int) -> str:
+        """"length" when the choice made all the tokens it could, else "stop" (a stop string, bGPT's end mark)."""
+        made_all = self.model.count_tokens(bytes(self.outputs[i])) >= self.max_new
+        return "length" if made_all and not self.texts[i].stopped else "stop"
+
+    def usage(self) -> dict:
+        completion_tokens = sum(self.model.count_tokens(bytes(o)) for o in self.outputs)
+        self.metrics.tokens.inc(completion_tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def choice(self, i: int, text: str, finish_reason: str | None, data: bytes) -> dict:
+        choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        if self.model.limits.unit == "byte" and not self.texts[i].stops and text.encode("utf-8") != data:
+            choice[EXTENSION] = {"output_base64": base64.b64encode(data).decode("ascii")}
+        return choice
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.name,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def answer(self, request: Request) -> JSONResponse:
+        """The whole completion as one JSON body; the jobs are cancelled if the client goes away first."""
+        collect = asyncio.ensure_future(self.collect())
+        gone = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collect.done():
+                collect.cancel()
+                self.cancel()
+        if not collect.done() or collect.cancelled():
+            return error_response(499, "the client closed the request")
+        try:
+            texts = collect.result()
+        except TimeoutError:
+            return error_response(504, "the request took longer than the server's --request-timeout")
+        choices = [self.choice(i, text, self.finish_reason(i), bytes(self.outputs[i])) for i, text in enumerate(texts)]
+        return JSONResponse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.name,
+                             "choices": choices, "usage": self.usage()})
+
+    async def collect(self) -> list[str]:
+        texts = []
+        try:
+            for i in range(len(self.jobs)):
+                parts = []
+                while True:
+                    update = await self.next_update(i)
+                    parts.append(self.take(i, update))
+                    if update.done or self.texts[i].stopped:
+                        break
+                texts.append("".join(parts))
+        except BaseException:
+            self.cancel()
+            raise
+        return texts
+
+    async def stream(self):
+        """Server-sent events: the first step's output is awaited before the response starts, so that a request
+        the model refuses (a UserError when its loop plans it) is still a 400."""
+        try:
+            first = [await self.next_update(i) for i in range(len(self.jobs))]
+            texts = [self.take(i, update) for i, update in enumerate(first)]
+        except TimeoutError:
+            self.cancel()
+            return error_response(504, "the request took longer than the server's --request-timeout")
+        except BaseException:
+            self.cancel()
+            raise
+        return StreamingResponse(self.events(first, texts), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def events(self, first: list, texts: list[str]):
+        pending = {}  # choice -> task reading its next update
+        try:
+            for i, (update, text) in enumerate(zip(first, texts)):
+                yield self.event(i, update, text)
+                if not (update.done or self.texts[i].stopped):
+                    pending[i] = asyncio.ensure_future(self.next_update(i))
+            while pending:
+                done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+                for i in [i for i, task in pending.items() if task in done]:
+                    update = pending.pop(i).result()
+                    yield self.event(i, update, self.take(i, update))
+                    if not (update.done or self.texts[i].stopped):
+                        pending[i] = asyncio.ensure_future(self.next_update(i))
+            usage = self.usage()
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                yield self.chunk([], usage)
+        except TimeoutError:
+            yield f"data: {json.dumps(error_body(504, 'the request took longer than --request-timeout'))}\n\n"
+        except UserError as e:
+            yield f"data: {json.dumps(error_body(400, str(e)))}\n\n"
+        except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in it
+            yield f"data: {json.dumps(error_body(500, f'internal error: {type(e).__name__}'))}\n\n"
+        finally:
+            for task in pending.values():
+                task.cancel()
+            self.cancel()  # finished jobs are left alone; a client gone mid-stream cancels the rest
+        yield "data: [DONE]\n\n"
+
+    def event(self, i: int, update, text: str) -> str:
+        """Choice i's chunk for an update; '' for a step that added nothing (a BFN step before the last)."""
+        finished = update.done or self.texts[i].stopped
+        if not (text or update.new or finished):
+            return ""
+        return self.chunk([self.choice(i, text, self.finish_reason(i) if finished else None, update.new)])
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client has gone away (its body is read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def warmup_request_for(family: str) -> GenerateRequest:
+    options = {"n_steps": 1} if family == "bfn" else {}
+    return GenerateRequest(b"", 1, 1, SamplingConfig(temperature=0.0), options)
+
+
+def check_address(host: str, port: int) -> None:
+    """UserError now, before the model loads, when the address cannot be bound (in use, not this machine's)."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+
+
+def run(model, config: ServeConfig) -> None:
+    """Serve until SIGTERM or Ctrl-C: uvicorn stops taking connections, lets the requests in flight finish (none
+    outlives its --request-timeout), then the app stops."""
+    import uvicorn
+
+    app = create_app(model, config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info",
+                timeout_graceful_shutdown=int(config.request_timeout) + 1)

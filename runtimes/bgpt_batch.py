@@ -1,0 +1,338 @@
+"""Continuous batching for a bGPT checkpoint (eager and native backends): every row's next patch in one batched
+call, each row at its own patch position. The session protocol is bytedeploy.runner's.
+
+A request joins at the end of a step: its prompt's whole patches go through the patch decoder (one batched prefill
+for the requests of a step with prompts of the same length) into its slot of the batch's KV caches. From the next
+step on it is a row like the others: each step decodes one patch for every row, the byte-level decoder's steps for
+all rows in lockstep (it restarts at every patch, so rows never differ in byte position; a row's first patch begins
+with its prompt's partial last patch, forced bytes), then the patch-level decoder's step on the new patches writes
+each row's keys at the row's own position and attends over the row's own past (a per-row mask). A row leaves when
+it emits the end mark (256), has its max_new bytes, or reaches the context's end, as in bgpt.generate_cached.
+
+Sampling: each row keeps its own settings and seed. A greedy row takes the argmax, so its output equals generate()'s
+(up to the float rounding of batched kernels, which leaves tokens unchanged unless two logits tie). A sampled row
+draws from a counter-based generator keyed by (seed, the row's byte count) (draw_rows), so a request gives the same
+output alone or in a full batch; not generate()'s sampled output, which comes from one torch.Generator per call.
+A step whose rows are all greedy, none at a first patch with forced bytes, decodes with PatchDecoder (the native
+runtime's byte loop, its fused kernels where they apply); the others with sample_patch (argmax only when every row is
+greedy).
+
+native (CUDA): the batched step is captured as a CUDA graph per (capacity, all rows greedy?, forced bytes?),
+capacities the powers of two up to max_rows. A row keeps its slot for its life, a new row takes the lowest free
+slot, and a step runs the smallest capacity that holds the highest slot in use. At capacity 1 the patch decoder's
+step is runtimes.native's gpt2_step (the fused decode kernels). The prefills run eagerly. step() launches a step and
+then reads the step before it, so that the host's work (outputs, joins) overlaps the GPU's: a step's output is
+reported by the next call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from bytedeploy.errors import UserError
+from bytedeploy.generation import GenerateRequest, RowUpdate
+from bytedeploy.models import bgpt
+from bytedeploy.plugins.patch_decode import PatchDecoder
+from bytedeploy.runtimes.native import attention_bias, cache_attention, capture, gpt2_step, step_mask
+from bytedeploy.sampling import SamplingConfig
+
+SPECIAL = bgpt.SPECIAL
+MASK32 = 0xFFFFFFFF
+
+
+@dataclass(eq=False)  # hashed by identity, as the KVCache it stands for (decode_kernels keeps state per cache)
+class CacheView:
+    """The first rows of a KV cache (what runtimes.native's steps read of a bytedeploy.kv_cache.KVCache)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass
+class Row:
+    slot: int
+    max_new: int  # bytes at most (0: no limit but the context)
+    patches_left: int  # patches it may still generate (bgpt.plan_generation's max_patches, less those made)
+    greedy: bool
+    joining: tuple | None = None  # (prompt patches, forced tail, sampling) until its prefill, at the end of a step
+    pos: int = 0  # the patch decoder's slot of its next patch (the device's pos[slot], known here without a sync)
+    first: bool = False  # its first patch, which begins with forced bytes, is not launched yet
+    skip: int = 0  # forced bytes in front of its first patch's results (its prompt's partial last patch)
+    output: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class Launched:
+    """A step in flight: its rows (id, slot) and where its patches arrive on the host."""
+
+    rows: list[tuple[int, int]]
+    patches: torch.Tensor  # (capacity, P), written by a non-blocking copy
+    copied: torch.cuda.Event | None  # recorded after the copy (CUDA)
+
+
+class BatchedBgptSession:
+    def __init__(self, runner, max_rows: int):
+        model, cfg = runner.model, runner.config
+        if cfg.task != "generate":
+            raise UserError("this checkpoint is a bGPT classifier; it cannot generate")
+        self.model, self.cfg, self.max_rows = model, cfg, max_rows
+        device, dtype = model.byte_wte.weight.device, model.byte_wte.weight.dtype
+        self.device, self.use_graphs = device, runner.backend == "native"
+        N, P, R = cfg.n_patches, cfg.patch_size, max_rows
+        self.patch_caches = model.patch_decoder.make_caches(R, N)
+        self.byte_caches = model.byte_decoder.make_caches(R, P)
+        self.feature = torch.zeros(R, cfg.n_embd, dtype=dtype, device=device)
+        self.pos = torch.zeros(R, dtype=torch.long, device=device)  # each row's slot for its next patch
+        self.patch = torch.full((R, P), SPECIAL, dtype=torch.long, device=device)
+        self.forced = torch.zeros(R, P, dtype=torch.long, device=device)  # bytes that begin a row's first patch
+        self.n_forced = torch.zeros(R, dtype=torch.long, device=device)
+        # per-row sampling: settings, seed and the count of bytes drawn (draw_rows' counter)
+        self.greedy = torch.ones(R, dtype=torch.bool, device=device)
+        self.top_k = torch.zeros(R, dtype=torch.long, device=device)
+        self.top_p = torch.ones(R, dtype=torch.float32, device=device)
+        self.temperature = torch.ones(R, dtype=torch.float32, device=device)
+        self.seed = torch.zeros(R, dtype=torch.long, device=device)
+        self.drawn = torch.zeros(R, dtype=torch.long, device=device)
+        self.positions = torch.arange(N, device=device)
+        self.byte_slots = [torch.full((1,), i, dtype=torch.long, device=device) for i in range(P)]
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        self.byte_masks = [causal[i:i + 1].clone() for i in range(P)]
+        # two host buffers, pinned on CUDA: a step's patches arrive in one while the other's are read
+        self.host = [torch.empty(R, P, dtype=torch.long, pin_memory=device.type == "cuda") for _ in range(2)]
+        self.in_flight: Launched | None = None
+        self.rows: dict[int, Row] = {}
+        self.next_row = 0
+        self.views = {}  # capacity -> (byte decoder's, patch decoder's) CacheViews of the first rows, made once
+        self.decoders = {}  # capacity -> the PatchDecoder of all-greedy batches
+        self.graphs = {}  # (capacity, all rows greedy?, forced bytes?) -> captured step
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, request: GenerateRequest) -> int:
+        """The request's plan (a UserError now if it has none) and a slot; it joins at the next step."""
+        prompt, tail, max_patches = bgpt.plan_generation(self.cfg, request)
+        used = {r.slot for r in self.rows.values()}
+        slot = next((s for s in range(self.max_rows) if s not in used), None)
+        if slot is None:
+            raise RuntimeError(f"the session is full ({self.max_rows} rows)")
+        row_id, self.next_row = self.next_row, self.next_row + 1
+        self.rows[row_id] = Row(slot, request.max_new, max_patches, request.sampling.greedy,
+                                joining=(prompt, tail, request.sampling))
+        return row_id
+
+    @torch.no_grad()
+    def step(self) -> list[RowUpdate]:
+        """Launch one patch for every row in the batch, read the patches of the step before (in flight meanwhile,
+        so that the GPU does not wait on this host work), then the rows added since join the batch (their prefill,
+        which the GPU runs after this step's patch). -> the updates of the step before: a step's output is reported
+        by the next call."""
+        launched = self.launch()
+        updates = self.collect(self.in_flight) if self.in_flight else []
+        self.in_flight = launched
+        by_length = {}  # prompt patches -> the joining rows
+        for row in self.rows.values():
+            if row.joining is not None:
+                by_length.setdefault(len(row.joining[0]), []).append(row)
+        for rows in by_length.values():
+            self.prefill(rows)
+        return updates
+
+    def launch(self) -> Launched | None:
+        rows = [(row_id, row) for row_id, row in self.rows.items() if row.joining is None]
+        if not rows:
+            return None
+        capacity = self.capacity(max(row.slot for _, row in rows) + 1)
+        self.run_step(capacity, all(row.greedy for _, row in rows), any(row.first for _, row in rows))
+        for _, row in rows:
+            row.first = False
+        patches = self.host[0][:capacity]
+        self.host.reverse()
+        patches.copy_(self.patch[:capacity], non_blocking=True)
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        return Launched([(row_id, row.slot) for row_id, row in rows], patches, copied)
+
+    def collect(self, launched: Launched) -> list[RowUpdate]:
+        """A launched step's patches into its rows' outputs (rows that ended or left since are skipped)."""
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        patches = launched.patches.numpy()
+        return [self.advance(row_id, patches[slot]) for row_id, slot in launched.rows if row_id in self.rows]
+
+    def prefill(self, rows: list[Row]) -> None:
+        """Rows whose prompts have the same number of whole patches: bgpt.generate_cached's prefill, batched, into
+        their slots: the patch decoder's keys and values, the first patch's feature and forced bytes, sampling."""
+        model, T = self.model, len(rows[0].joining[0])
+        slots = torch.tensor([row.slot for row in rows], device=self.device)
+        prompts = torch.tensor(np.stack([row.joining[0] for row in rows]), device=self.device)
+        caches = model.patch_decoder.make_caches(len(rows), T)
+        self.feature[slots] = model.encode_patches(prompts, caches, 0)[:, -1]
+        for big, small in zip(self.patch_caches, caches):
+            big.k[slots, :, :T] = small.k
+            big.v[slots, :, :T] = small.v
+        self.pos[slots] = T
+        self.drawn[slots] = 0
+        forced = np.zeros((len(rows), self.cfg.patch_size), dtype=np.int64)
+        for i, row in enumerate(rows):
+            tail = row.joining[1]
+            forced[i, :len(tail)] = tail
+            row.pos, row.first, row.skip = T, len(tail) > 0, len(tail)
+        self.forced[slots] = torch.from_numpy(forced).to(self.device)
+        self.n_forced[slots] = torch.tensor([row.skip for row in rows], device=self.device)
+        sampling = [row.joining[2] for row in rows]
+        for name in ("greedy", "top_k", "top_p", "temperature", "seed"):
+            buffer = getattr(self, name)
+            buffer[slots] = torch.tensor([getattr(s, name) for s in sampling], dtype=buffer.dtype, device=self.device)
+        for row in rows:
+            row.joining = None
+
+    def advance(self, row_id: int, patch: np.ndarray) -> RowUpdate:
+        """The row's new patch (its forced bytes left out) into its output; the row leaves when it is done."""
+        row = self.rows[row_id]
+        before = len(row.output)
+        patch, row.skip = patch[row.skip:], 0
+        end = np.flatnonzero(patch == SPECIAL)
+        new = patch[:end[0]] if len(end) else patch
+        if row.max_new:
+            new = new[:row.max_new - len(row.output)]
+        row.output += bytes(new.astype(np.uint8).tolist())
+        row.patches_left, row.pos = row.patches_left - 1, row.pos + 1
+        done = (len(end) or row.patches_left <= 0 or row.pos >= self.cfg.n_patches
+                or 0 < row.max_new <= len(row.output))
+        if done:
+            del self.rows[row_id]
+        return RowUpdate(row_id, bytes(row.output[before:]), done=bool(done),
+                         output=bytes(row.output) if done else None)
+
+    def cancel(self, row: int) -> None:
+        self.rows.pop(row, None)
+
+    def capacity(self, n: int) -> int:
+        c = 1
+        while c < n:
+            c *= 2
+        return min(c, self.max_rows)
+
+    def run_step(self, capacity: int, greedy: bool, forced: bool) -> None:
+        if capacity not in self.views:  # made here, outside any capture: state the captured steps keep reading
+            self.views[capacity] = tuple([CacheView(c.k[:capacity], c.v[:capacity]) for c in caches]
+                                         for caches in (self.byte_caches, self.patch_caches))
+        if greedy and not forced and capacity not in self.decoders:
+            self.decoders[capacity] = PatchDecoder(self.model, capacity, SamplingConfig(temperature=0.0),
+                                                   use_graph=False)
+        if not self.use_graphs:
+            return self.patch_step(capacity, greedy, forced)
+        key = (capacity, greedy, forced)
+        with torch.cuda.device(self.device):  # the scheduler's thread has its own current device
+            if key in self.graphs:
+                self.graphs[key].replay()
+            else:  # capture's warm-up run is this step
+                self.graphs[key] = capture(lambda: self.patch_step(*key), pool=self.pool)
+
+    def patch_step(self, capacity: int, greedy: bool, forced: bool) -> None:
+        """One patch for rows [0, capacity) and the patch decoder's step on it, each row at its own position. When
+        every row is greedy and none has forced bytes the patch is PatchDecoder's (the native runtime's byte loop:
+        its fused kernels where they apply), else sample_patch's, with each row's forced bytes and settings."""
+        model, cfg, C = self.model, self.cfg, capacity
+        byte_caches, patch_caches = self.views[C]
+        if greedy and not forced:
+            decoder = self.decoders[C]
+            decoder.feature.copy_(self.feature[:C])
+            decoder.decode()
+            self.patch[:C] = decoder.patch
+        else:
+            self.sample_patch(C, byte_caches, greedy)
+        slots = self.pos[:C].clamp(max=cfg.n_patches - 1)  # a finished row's past the end: kept in bounds
+        h = rows_step(model.patch_decoder, model.embed_patches(self.patch[:C, None]), patch_caches, slots,
+                      self.positions)
+        self.feature[:C] = h[:, -1]
+        self.pos[:C] += 1
+
+    def sample_patch(self, C: int, byte_caches, greedy: bool) -> None:
+        """PatchDecoder.decode's byte loop with each row's forced bytes, sampling settings and generator; greedy:
+        every row is, the argmax alone."""
+        model = self.model
+        x = self.feature[:C, None]
+        seen = torch.zeros(C, dtype=torch.bool, device=self.device)
+        for i in range(self.cfg.patch_size):
+            h = gpt2_step(model.byte_decoder, x, byte_caches, self.byte_slots[i], self.byte_masks[i])
+            logits = model.lm_head(h)[:, -1]
+            token = logits.argmax(-1) if greedy else self.draw(logits, C)
+            token = torch.where(self.n_forced[:C] > i, self.forced[:C, i], token).masked_fill(seen, SPECIAL)
+            seen = seen | (token == SPECIAL)
+            self.patch[:C, i] = token
+            x = model.byte_wte(token)[:, None]
+        self.n_forced[:C] = 0
+
+    def draw(self, logits: torch.Tensor, C: int) -> torch.Tensor:
+        token = draw_rows(logits, self.top_k[:C], self.top_p[:C], self.temperature[:C], self.seed[:C],
+                          self.drawn[:C])
+        self.drawn[:C] += 1
+        return torch.where(self.greedy[:C], logits.argmax(-1), token)
+
+
+def rows_step(stack, embeds: torch.Tensor, caches, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """layers.GPT2Stack for one new input per row, embeds (B, 1, C), each written at its own cache slot (B,) and
+    attending over the cache up to it -> hidden (B, 1, C). One row is runtimes.native.gpt2_step (its fused kernels
+    where they apply)."""
+    B = embeds.size(0)
+    if B == 1:
+        return gpt2_step(stack, embeds, caches, slots, step_mask(positions, slots))
+    x = embeds + stack.wpe(slots)[:, None]
+    bias = attention_bias(positions[None] <= slots[:, None], x.dtype)[:, None, None]  # (B, 1, 1, L)
+    rows = torch.arange(B, device=x.device)
+    for block, cache in zip(stack.h, caches):
+        x = x + rows_attention(block.attn, block.ln_1(x), cache, rows, slots, bias)
+        x = x + block.mlp(block.ln_2(x))
+    return stack.ln_f(x)
+
+
+def rows_attention(attn, x: torch.Tensor, cache, rows: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor):
+    """runtimes.native.attention_step with row b's new key and value written at slots[b]."""
+    B, _, C = x.shape
+    H = attn.n_head
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, 1, H, C // H).transpose(1, 2) for t in (q, k, v))
+    cache.k[rows, :, slots] = k[:, :, 0].to(cache.k.dtype)
+    cache.v[rows, :, slots] = v[:, :, 0].to(cache.v.dtype)
+    y = cache_attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), bias)
+    return attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (int64 tensors holding values < 2^32; the multiplier keeps products below 2^63)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    return (x >> 16) ^ x
+
+
+def uniform_rows(seed: torch.Tensor, counter: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) uniforms in (0, 1), a function of each row's (seed, counter) and the column only."""
+    key = mix32((seed & MASK32) ^ mix32(counter & MASK32))
+    bits = mix32(key[:, None] ^ mix32(torch.arange(n, device=seed.device) + 0x9E3779B9))
+    return (bits.to(torch.float64) + 0.5).div(2.0**32).to(torch.float32)
+
+
+def draw_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, temperature: torch.Tensor,
+              seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """bytedeploy.models.sampling.sample with settings per row (B,): top-k (0 = off), then top-p on what survives,
+    then temperature; the exponential race draws with uniform_rows(seed, counter)."""
+    logits = logits.float()
+    V = logits.size(-1)
+    ranked, _ = logits.sort(-1, descending=True)
+    k = torch.where(top_k > 0, top_k, V).clamp(max=V)
+    logits = logits.masked_fill(logits < ranked.gather(1, (k - 1)[:, None]), float("-inf"))
+    ranked, order = logits.sort(-1, descending=True)
+    probs = ranked.softmax(-1)
+    drop_ranked = (probs.cumsum(-1) - probs) >= top_p[:, None]  # keep the token that crosses top_p
+    logits = logits.masked_fill(torch.zeros_like(drop_ranked).scatter(-1, order, drop_ranked), float("-inf"))
+    probs = (logits / temperature.clamp(min=1e-8)[:, None]).softmax(-1)
+    race = -uniform_rows(seed, counter, V).log()
+    return (probs / race).argmax(-1)
