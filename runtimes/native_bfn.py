@@ -1,7 +1,11 @@
 """Native loop of the Bayesian-flow LM: one captured denoising step (network pass, categorical draw, Bayesian
 update) replayed n_steps times, then the final draw. The step's time and accuracy come from device tables indexed
 by a step counter that the graph advances, computed on the host in float64 exactly as the eager loop's Python
-floats, so that greedy outputs equal the eager backend's (same generator, same draws in the same order)."""
+floats. The update noise is computed inside the graph (bfn.update_noise) from the step's row keys, read from a
+device table of bytedeploy.families.bfn.noise_keys at the same counter: no host work or copy per step, and the same
+bits as every other backend's noise, so that greedy outputs equal the eager backend's. The graph is plain CUDA graph
+capture, no torch.compile; the noise's final Add would give the same bits fused into an FMA anyway (its product is
+exact)."""
 
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ import torch.nn.functional as F
 
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.models import bfn
+from bytedeploy.models.sampling import make_generator, sample
 from bytedeploy.runtimes.native import cached_runner, capture, sampling_key, sync
-from bytedeploy.sampling import make_generator, sample
 
 
 class FlowRunner:
@@ -28,6 +32,7 @@ class FlowRunner:
         self.fixed = torch.zeros(L, dtype=torch.bool, device=device)
         self.one_hot = torch.zeros(L, K, device=device)
         self.log_theta = torch.full((batch_size, L, K), -math.log(K), device=device)
+        self.noise_keys = torch.zeros((n_steps, batch_size, 2), dtype=torch.long, device=device)  # per request
         steps = range(1, n_steps + 1)
         alphas = [bfn.step_alpha(cfg.beta, i, n_steps) for i in steps]
         self.times = torch.tensor([(i - 1) / n_steps for i in steps], dtype=torch.float32, device=device)
@@ -42,9 +47,8 @@ class FlowRunner:
         t = torch.where(self.fixed, 1.0, self.times.index_select(0, self.i)).expand(self.B, -1)
         logits = self.model.logits(theta, t)
         k = torch.where(self.fixed, self.ids, sample(logits, self.sampling, self.generator))
-        noise = torch.randn(self.log_theta.shape, generator=self.generator, device=self.log_theta.device,
-                            dtype=self.log_theta.dtype)
         alpha, scale = self.alphas.index_select(0, self.i), self.noise_scales.index_select(0, self.i)
+        noise = bfn.update_noise(self.noise_keys.index_select(0, self.i)[0], self.log_theta.size(1), self.K)
         y = alpha * (self.K * F.one_hot(k, self.K).to(self.log_theta.dtype) - 1) + scale * noise
         self.log_theta.copy_(torch.log_softmax(self.log_theta + y, dim=-1))
         self.i.add_(1)
@@ -56,6 +60,7 @@ class FlowRunner:
         self.one_hot.copy_(F.one_hot(self.ids, self.K).float())
         self.log_theta.fill_(-math.log(self.K))
         self.i.zero_()
+        self.noise_keys.copy_(torch.from_numpy(bfn.noise_keys(seed, self.B, self.n_steps)))
         for _ in range(self.n_steps):
             self.graphs["step"].replay()
         theta = bfn.input_distribution(self.log_theta, self.fixed, self.one_hot)
@@ -64,17 +69,12 @@ class FlowRunner:
 
 
 def generate(model, cfg, request: GenerateRequest) -> GenerateResult:
-    from bytedeploy.errors import UserError
-
     sp = bfn.request_tokenizer(request)
-    if sp.vocab_size() != cfg.vocab_size:
-        raise UserError(f"the tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}")
-    ids, fixed, out = bfn.build_sequence(cfg, request, sp)
-    n_steps = bfn.sampling_steps(cfg, request)
-    pad = cfg.seq_len - len(ids)
+    plan = bfn.plan_generation(cfg, request, sp)
+    n_steps, out = plan.n_steps, plan.out
     device = model.wte.weight.device
-    ids_t = torch.tensor(ids + [0] * pad, dtype=torch.long, device=device)
-    fixed_t = torch.tensor(fixed + [False] * pad, dtype=torch.bool, device=device)
+    ids_t = torch.tensor(plan.ids, dtype=torch.long, device=device)
+    fixed_t = torch.tensor(plan.fixed, dtype=torch.bool, device=device)
     B = request.batch_size
     sync()
     t0 = time.perf_counter()
@@ -83,7 +83,6 @@ def generate(model, cfg, request: GenerateRequest) -> GenerateResult:
     rows = runner.run(ids_t, fixed_t, request.sampling.seed)[:, out].tolist()
     sync()
     seconds = time.perf_counter() - t0
-    n_new = sum(not f for f in fixed[out]) if request.options.get("infill") else out.stop - out.start
     outputs = [sp.decode(row).encode("utf-8") for row in rows]
-    return GenerateResult(outputs, n_new * B, seconds, bfn.UNIT, passes=n_steps + 1,
+    return GenerateResult(outputs, plan.n_new * B, seconds, bfn.UNIT, passes=n_steps + 1,
                           extra={"n_steps": n_steps, "captured": runner.captured_now, "graphs": sorted(runner.graphs)})

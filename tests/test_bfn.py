@@ -146,8 +146,8 @@ def random_model(cfg: bfn.Config, std: float = 0.3) -> bfn.Model:
 
 
 def test_greedy_eager_equals_the_seeds_loop():
-    """Temperature 0 removes the categorical randomness; both loops draw the Gaussian sender noise from a CPU
-    torch.Generator with the same seed in the same order, so their tokens agree exactly."""
+    """Temperature 0 removes the categorical randomness; both loops compute the same Gaussian sender noise from the
+    seed (bfn.update_noise), so their tokens agree exactly."""
     model = random_model(small_config())
     ids = torch.tensor([3, 9, 14] + [0] * 7)
     fixed = torch.arange(10) < 3

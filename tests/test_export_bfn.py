@@ -1,11 +1,11 @@
-"""Bayesian-flow LM bundle: the step graph passes the ONNX checker, ORT equals eager PyTorch step by step (fp32
-and fp16), and the ORT sampler gives eager's tokens with the same seed, keeping the conditioned positions."""
+"""Bayesian-flow LM bundle: the step graphs pass the ONNX checker, ORT equals eager PyTorch step by step (fp32
+and fp16, the update noise computed in the graph), and the ORT sampler gives eager's greedy tokens with the same
+seed, keeping the conditioned positions, its state on the runner's device."""
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from click.testing import CliRunner
 
 from bytedeploy.checkpoint import load_model
@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     for precision in ("fp32", "fp16"):
         result = runner.invoke(cli, ["export", str(ckpt), "-o", str(root / precision), "--precision", precision])
         assert result.exit_code == 0, result.output
-        assert "1 graphs (step)" in result.output
+        assert "2 graphs (step_greedy, step)" in result.output
     model, cfg, _ = load_model(ckpt)
     return model.eval(), cfg, ckpt, load_bundle(root / "fp32"), load_bundle(root / "fp16")
 
@@ -47,17 +47,19 @@ def trained(tmp_path_factory):
 def test_step_graph_passes_the_full_onnx_check(trained):
     model, cfg, _, bundle, bundle16 = trained
     for b in (bundle, bundle16):
-        path = b.graph_path("step")
-        onnx.checker.check_model(str(path), full_check=True)
-        graph = onnx.load(str(path)).graph
-        assert [i.name for i in graph.input] == bfn_export.INPUTS
-        assert [o.name for o in graph.output] == bfn_export.OUTPUTS
+        for name, inputs in (("step_greedy", bfn_export.STATE_INPUTS),
+                             ("step", [*bfn_export.STATE_INPUTS, "u", "temperature", "top_k", "top_p"])):
+            path = b.graph_path(name)
+            onnx.checker.check_model(str(path), full_check=True)
+            graph = onnx.load(str(path)).graph
+            assert [i.name for i in graph.input] == inputs
+            assert [o.name for o in graph.output] == bfn_export.OUTPUTS
         assert b.opset >= MIN_OPSET and b.family == "bfn" and b.extra["seq_len"] == cfg.seq_len
         spec = {t.name: t for t in b.graphs["step"].inputs + b.graphs["step"].outputs}
         assert spec["log_theta"].shape == ["batch", cfg.seq_len, cfg.vocab_size]
         assert spec["logits"].shape == ["batch", cfg.seq_len, cfg.vocab_size]
-        assert spec["updated_log_theta"].dtype == "float32" and spec["noise"].dtype == "float32"
-        assert spec["argmax"].shape == ["batch", cfg.seq_len] and spec["argmax"].dtype == "int64"
+        assert spec["log_theta_out"].dtype == "float32" and spec["keys"].shape == ["batch", 2]
+        assert spec["tokens_out"].shape == ["batch", cfg.seq_len] and spec["tokens_out"].dtype == "int64"
     assert (bundle.assets / "tokenizer.model").is_file()
     fp16_weights = [t for t in onnx.load(str(bundle16.graph_path("step"))).graph.initializer
                     if t.data_type == onnx.TensorProto.FLOAT16]
@@ -73,16 +75,17 @@ def run_cases(bundle, cases):
 def test_ort_equals_eager_for_32_steps_fp32(trained, batch_size):
     model, cfg, _, bundle, _ = trained
     cases = bfn_export.verify_cases(model, cfg, bundle, batch_size, 32, seed=batch_size)
-    assert len(cases) == 33 and cases[-1].feeds["t"][0] == 1.0
-    assert cases[0].feeds["alpha"][0] == 0.0 and cases[1].feeds["alpha"][0] > 0
+    assert len(cases) == 33 and (cases[-1].feeds["t"] == 1.0).all()
+    assert (cases[0].feeds["alpha"] == 0.0).all() and (cases[1].feeds["alpha"] > 0).all()
     runner = OrtRunner(bundle)
     for case in cases:
         got = {k: runner.to_numpy(v) for k, v in runner.run(case.graph, case.feeds).items()}
         for name, expected in case.expected.items():
             np.testing.assert_allclose(got[name], expected, **FP32_TOL, err_msg=f"{case.label} {name}")
-        np.testing.assert_array_equal(got["argmax"], case.expected["logits"].argmax(-1))  # greedy's tokens
+        fixed, ids = case.feeds["fixed"], case.feeds["ids"]  # greedy's tokens: the argmax, the conditioning kept
+        np.testing.assert_array_equal(got["tokens_out"], np.where(fixed, ids, case.expected["logits"].argmax(-1)))
     # the belief really moved: the last step's is far from uniform, and conditioned positions saw their ids
-    theta = np.exp(cases[-1].expected["updated_log_theta"])
+    theta = np.exp(cases[-1].expected["log_theta_out"])
     assert theta.max() > 10 / cfg.vocab_size
 
 
@@ -90,58 +93,56 @@ def test_ort_fp16_bundle_against_fp32_eager(trained):
     model, cfg, _, _, bundle16 = trained
     cases = bfn_export.verify_cases(model, cfg, bundle16, 2, 8, seed=0)
     for case, got in zip(cases, run_cases(bundle16, cases)):
-        np.testing.assert_allclose(got["updated_log_theta"], case.expected["updated_log_theta"], **FP32_TOL)
+        np.testing.assert_allclose(got["log_theta_out"], case.expected["log_theta_out"], **FP32_TOL)
         np.testing.assert_allclose(got["logits"], case.expected["logits"], **FP16_LOGITS_TOL, err_msg=case.label)
 
 
-@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=0.0, seed=1),
-                                      SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, seed=2)],
-                         ids=["greedy", "sampled"])
-def test_ort_generation_equals_eager_with_the_same_seed(trained, sampling):
+def test_greedy_ort_generation_equals_eager_and_eager_reference(trained):
+    """Greedy tokens depend on the update noise too: every backend computes the same bits from the seed."""
     model, cfg, ckpt, bundle, _ = trained
     options = {"assets": str(ckpt / "assets"), "n_steps": 20}
-    request = GenerateRequest(b"import os\n", 12, 2, sampling, options)
-    eager = bfn.generate(model, cfg, request, "eager")
+    greedy = SamplingConfig(temperature=0.0, seed=1)
+    request = GenerateRequest(b"import os\n", 12, 2, greedy, options)
     onnx_result = generate_on(bundle, request, "ort")
-    assert onnx_result.outputs == eager.outputs
+    assert onnx_result.outputs == bfn.generate(model, cfg, request, "eager").outputs
+    assert onnx_result.outputs == bfn.generate(model, cfg, request, "eager-reference").outputs
     assert (onnx_result.n_new, onnx_result.passes, onnx_result.unit) == (24, 21, "token")
-    infill = GenerateRequest(b"", 0, 1, sampling, dict(options, infill=["def ", 4, "(self):\n", 6]))
+    other_seed = generate_on(bundle, GenerateRequest(b"import os\n", 12, 2, SamplingConfig(0.0, seed=2), options),
+                             "ort")
+    assert other_seed.outputs != onnx_result.outputs  # the noise, not only the argmax, decides greedy tokens
+    infill = GenerateRequest(b"", 0, 1, greedy, dict(options, infill=["def ", 4, "(self):\n", 6]))
     text = generate_on(bundle, infill, "ort").outputs
     assert text == bfn.generate(model, cfg, infill, "eager").outputs
     assert text[0].decode().startswith("def ") and "(self):\n" in text[0].decode()
 
 
-class RecordingRunner(OrtRunner):
-    def __init__(self, bundle):
-        super().__init__(bundle)
-        self.calls = []
+def test_seeded_ort_sampling_is_reproducible(trained):
+    _, _, ckpt, bundle, _ = trained
+    request = lambda seed: GenerateRequest(  # noqa: E731
+        b"import os\n", 12, 2, SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, seed=seed),
+        {"assets": str(ckpt / "assets"), "n_steps": 20})
+    first = generate_on(bundle, request(2), "ort").outputs
+    assert generate_on(bundle, request(2), "ort").outputs == first
+    assert generate_on(bundle, request(3), "ort").outputs != first
 
-    def run(self, graph, feeds):
-        out = super().run(graph, feeds)
-        self.calls.append((feeds, out))
-        return out
 
-
-def test_conditioned_positions_unchanged_and_belief_stays_an_ort_value(trained):
+def test_conditioned_positions_unchanged_and_state_stays_on_the_device(trained):
     _, cfg, _, bundle, _ = trained
-    runner = RecordingRunner(bundle)
+    runner = OrtRunner(bundle)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, size=(3, cfg.seq_len))
     fixed = rng.random((3, cfg.seq_len)) < 0.4  # scattered conditioning, different per row
-    tokens = bfn_runtime.sample_loop(runner, ids, fixed, cfg.vocab_size, cfg.beta, 10,
-                                     SamplingConfig(temperature=1.0, seed=4))
+    sampling = SamplingConfig(temperature=1.0, seed=4)
+    tokens = bfn_runtime.sample_loop(bundle, runner, ids, fixed, 10, sampling)
     assert (tokens[fixed] == ids[fixed]).all()
     assert len(set(tokens[~fixed].tolist())) > 5  # the free positions really were sampled
-    assert len(runner.calls) == 11
-    for (feeds, _), (_, previous) in zip(runner.calls[1:], runner.calls):
-        assert isinstance(feeds["log_theta"], ort.OrtValue)
-        assert feeds["log_theta"] is previous["updated_log_theta"]  # fed back as it is, no host copy
-        np.testing.assert_array_equal(feeds["tokens"][fixed], ids[fixed])
-    final = runner.to_numpy(runner.calls[-1][1]["updated_log_theta"])
+    state = runner.workspaces[("flow", 3)]
+    assert isinstance(state.log_theta[0], ort.OrtValue) and state.parity == 11 % 2  # 11 calls alternated buffers
+    final = runner.to_numpy(state.log_theta[state.parity])
     np.testing.assert_allclose(np.exp(final).sum(-1), 1.0, rtol=1e-5)
-    assert runner.calls[-1][0]["t"][0] == 1.0 and runner.calls[0][0]["alpha"][0] == 0.0
-    np.testing.assert_array_equal(runner.calls[0][0]["noise"], 0.0)
-    assert (torch.from_numpy(runner.calls[5][0]["noise"]).std() - 1).abs() < 0.05  # a standard normal draw
+    assert not np.allclose(final, final[..., :1])  # the belief moved off uniform
+    again = bfn_runtime.sample_loop(bundle, runner, ids, fixed, 10, sampling)
+    assert runner.workspaces[("flow", 3)] is state and (again == tokens).all()  # the same buffers and bound calls
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -51,10 +51,10 @@ overrides cfg.n_steps.
 Backends:
   eager-reference  the seed's loop: per step, probabilities copied to the host and each position drawn with numpy
                    (sample_host); the Bayesian update in torch on the CPU.
-  eager            everything on the device, no host synchronisation inside the loop.
-Both draw the Gaussian sender noise from a torch.Generator seeded with the sampling seed, in the same order; with
-temperature 0 (no categorical randomness) they give the same tokens when the model runs on the CPU. On CUDA the
-eager loop's generator is the device's, so its noise (and tokens) differ from the reference's.
+  eager            everything on the device, the update noise included.
+Both compute the Gaussian sender noise with update_noise (on the update's device), bit for bit the noise of the bundle
+loop (bytedeploy.families.bfn.update_noise, numpy) and of the native runtime: with temperature 0 (no categorical
+randomness) every backend gives the same tokens wherever the networks' outputs agree, on the CPU and on CUDA alike.
 """
 
 from __future__ import annotations
@@ -62,84 +62,41 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
-from statistics import NormalDist
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bytedeploy.data.sentencepiece_tokenizer import (
-    BUILTIN_DEFAULT_MB,
-    load_sentencepiece,
-    read_model_file,
-    sentencepiece_model_bytes,
-)
+from bytedeploy.data.sentencepiece_tokenizer import BUILTIN_DEFAULT_MB, load_sentencepiece, sentencepiece_model_bytes
 from bytedeploy.data.text import TokenWindows
 from bytedeploy.data.text import load_corpus as text_corpus
 from bytedeploy.errors import UserError
-from bytedeploy.generation import GenerateRequest, GenerateResult
+from bytedeploy.families.bfn import PRESETS as PRESETS  # the registry's family interface (registry.py)
+from bytedeploy.families.bfn import (
+    TOKENIZER_FILE,
+    UNIT,
+    Config,
+    matched_beta_1,
+    noise_bins,
+    noise_elements,
+    noise_keys,
+    normal_table,
+    plan_generation,
+    request_tokenizer,
+    step_alpha,
+    tokenizer_bytes,
+)
+from bytedeploy.generation import GenerateRequest, GenerateResult, map_steps, stepwise
 from bytedeploy.models.layers import MLP, GPT2StackConfig
-from bytedeploy.sampling import SamplingConfig, make_generator, sample, sample_host
+from bytedeploy.models.sampling import make_generator, sample
+from bytedeploy.sampling import SamplingConfig, sample_host
 
 BACKENDS = ("eager-reference", "eager")
-UNIT = "token"
 LOSS_IS_NLL = False
 CLI_ALIASES = {"context": "seq_len"}
-TOKENIZER_FILE = "tokenizer.model"
-PAPER_K, PAPER_BETA_1 = 27, 0.75  # the paper's text8 setting
 EVAL_SEED = 1234  # fixed times, noise and conditioning masks of the eval batches
-
-
-@dataclass
-class Config:
-    vocab_size: int = 8000  # K; the size of a tokenizer trained on the corpus, then set from the tokenizer
-    seq_len: int = 64  # fixed sequence length (the seed's)
-    n_layer: int = 8
-    n_head: int = 8
-    n_embd: int = 1024
-    time_dim: int = 128  # Fourier features and MLP width of the time embedding (the seed's 128)
-    beta_1: float = 0.0  # 0 = matched_beta_1(vocab_size); prepare_config writes the number
-    dropout: float = 0.1
-    n_steps: int = 1000  # sampling steps (the seed samples with 1000)
-    conditioning: bool = True  # train with the seed's random conditioning masks (prompts need them)
-
-    def __post_init__(self):
-        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"n_embd {self.n_embd} must divide by n_head {self.n_head} into even head sizes")
-        if self.seq_len < 2 or self.time_dim < 2 or self.time_dim % 2:
-            raise ValueError("seq_len must be >= 2 and time_dim even")
-        if self.beta_1 < 0 or self.n_steps < 1 or self.vocab_size < 0:
-            raise ValueError("beta_1 must be >= 0, n_steps >= 1, vocab_size >= 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def beta(self) -> float:
-        """beta(1), the accuracy at t = 1."""
-        return self.beta_1 or matched_beta_1(self.vocab_size)
-
-
-PRESETS = {
-    "tiny": dict(vocab_size=256, seq_len=32, n_embd=64, n_layer=2, n_head=2, time_dim=32, dropout=0.0, n_steps=100),
-    "small": dict(vocab_size=2048, seq_len=64, n_embd=256, n_layer=8, n_head=8, dropout=0.1),
-    "base": dict(),  # the seed's: 8 layers, 8 heads, width 1024, sequence 64, 1000 sampling steps
-}
-
-
-def matched_beta_1(K: int) -> float:
-    """beta(1) for K classes at which theta(1) = softmax(y) puts its argmax on a wrong class as often as in the
-    paper's text8 setting. y_x - y_j ~ N(beta K, 2 beta K), so a given wrong j wins with probability
-    1 - Phi(sqrt(beta K / 2)); summed over the K - 1 wrong classes (union bound) that is ~0.019 for text8."""
-    if K < 2:
-        raise ValueError(f"vocab_size {K} is unset: prepare_config fills it from the tokenizer")
-    normal = NormalDist()
-    miss = (PAPER_K - 1) * (1 - normal.cdf(math.sqrt(PAPER_BETA_1 * PAPER_K / 2)))
-    z = normal.inv_cdf(1 - miss / (K - 1))
-    return 2 * z * z / K
 
 
 # ----------------------------------------------------------------------------------------------- network
@@ -173,7 +130,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           scale=1.0 / math.sqrt(C // self.n_head))  # a constant in exported graphs
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, L, C)))
 
 
@@ -325,18 +283,6 @@ def load_corpus(spec: str, options: dict) -> tuple[str, str]:
     return text_corpus(spec, options, BUILTIN_DEFAULT_MB)
 
 
-def tokenizer_bytes(options: dict) -> bytes | None:
-    """The checkpoint's tokenizer (options["assets"]), else a --tokenizer file; None when neither is given."""
-    if options.get("assets"):  # a checkpoint's: the model was trained with exactly this one
-        path = Path(options["assets"]) / TOKENIZER_FILE
-        if not path.is_file():
-            raise UserError(f"checkpoint has no sentencepiece tokenizer: {path} is missing")
-        return path.read_bytes()
-    if options.get("tokenizer"):
-        return read_model_file(options["tokenizer"])
-    return None
-
-
 @lru_cache(maxsize=4)
 def trained_tokenizer(text: str, vocab_size: int) -> bytes:
     """prepare_config and make_data both need the tokenizer trained on the corpus: train it once."""
@@ -382,30 +328,51 @@ def step_times(fixed: torch.Tensor, t: float, batch_size: int) -> torch.Tensor:
     return torch.where(fixed, 1.0, t).expand(batch_size, -1)
 
 
-def bayesian_update(log_theta: torch.Tensor, k: torch.Tensor, alpha: float, gen: torch.Generator) -> torch.Tensor:
-    """theta ∝ exp(y) theta with y ~ N(alpha (K e_k - 1), alpha K I), in log space."""
+def bayesian_update(log_theta: torch.Tensor, k: torch.Tensor, alpha: float, noise: torch.Tensor) -> torch.Tensor:
+    """theta ∝ exp(y) theta with y = alpha (K e_k - 1) + sqrt(alpha K) noise, noise ~ N(0, I), in log space."""
     K = log_theta.size(-1)
-    noise = torch.randn(log_theta.shape, generator=gen, device=log_theta.device, dtype=log_theta.dtype)
     y = alpha * (K * F.one_hot(k, K).to(log_theta.dtype) - 1) + math.sqrt(alpha * K) * noise
     return torch.log_softmax(log_theta + y, dim=-1)
 
 
-def step_alpha(beta_1: float, i: int, n_steps: int) -> float:
-    return beta_1 * (2 * i - 1) / n_steps**2
+@cache  # never evicted: a captured CUDA graph (the native runtime's) reads these tensors
+def noise_constants(n_elements: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The element counters and the inverse-CDF table (families.bfn.normal_table) on a device, made once (before a
+    CUDA graph's capture: its warm-up run makes them)."""
+    start, slope = normal_table()
+    return (torch.arange(n_elements, device=device), torch.from_numpy(start).to(device),
+            torch.from_numpy(slope).to(device))
+
+
+def update_noise(keys: torch.Tensor, seq_len: int, vocab_size: int) -> torch.Tensor:
+    """keys (B, 2) int64: a step's rows of families.bfn.noise_keys, on the device -> that step's N(0, 1) noise
+    (B, L, K) float32 there, the same bits as families.bfn.update_noise (the integer and float ops it documents, in
+    the same order; no host synchronisation)."""
+    index, start, slope = noise_constants(noise_elements(seq_len, vocab_size), keys.device)
+    out = torch.empty((len(keys), len(index)), dtype=torch.float32, device=keys.device)
+    rows = 1 if keys.device.type == "cpu" else len(keys)  # the CPU a row at a time, as numpy: 2x faster at batch 64
+    for first in range(0, len(keys), rows):
+        part = slice(first, first + rows)
+        bins, fraction = noise_bins(keys[part, :1], keys[part, 1:], index)
+        torch.mul(fraction.float(), slope[bins], out=out[part]).add_(start[bins])  # the product is exact: one rounding
+    return out.view(-1, seq_len, vocab_size)
 
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@stepwise
 @torch.no_grad()
 def generate_eager(model: nn.Module, ids: torch.Tensor, fixed: torch.Tensor, n_steps: int,
                    sampling: SamplingConfig, batch_size: int = 1) -> torch.Tensor:
     """ids, fixed (L,): tokens and which positions are conditioned. -> sampled tokens (batch_size, L) on the
-    device; one static-shape network pass per step, no host synchronisation."""
+    device; one static-shape network pass per step, no host synchronisation (the update noise is computed there).
+    Stepwise: a network pass per step; the sample exists only after the last."""
     device = model_device(model)
     K, beta_1 = model.cfg.vocab_size, model.cfg.beta
     gen = make_generator(sampling.seed, device)
+    keys = torch.from_numpy(noise_keys(sampling.seed, batch_size, n_steps)).to(device)  # the update noise's
     ids, fixed = ids.to(device), fixed.to(device)
     one_hot = F.one_hot(ids, K).float()
     log_theta = torch.full((batch_size, len(ids), K), -math.log(K), device=device)
@@ -413,7 +380,9 @@ def generate_eager(model: nn.Module, ids: torch.Tensor, fixed: torch.Tensor, n_s
         theta = input_distribution(log_theta, fixed, one_hot)
         logits = model.logits(theta, step_times(fixed, (i - 1) / n_steps, batch_size))
         k = torch.where(fixed, ids, sample(logits, sampling, gen))
-        log_theta = bayesian_update(log_theta, k, step_alpha(beta_1, i, n_steps), gen)
+        noise = update_noise(keys[i - 1], len(ids), K)
+        log_theta = bayesian_update(log_theta, k, step_alpha(beta_1, i, n_steps), noise)
+        yield lambda: None
     logits = model.logits(input_distribution(log_theta, fixed, one_hot), step_times(fixed, 1.0, batch_size))
     return torch.where(fixed, ids, sample(logits, sampling, gen))
 
@@ -425,8 +394,7 @@ def generate_reference(model: nn.Module, ids: torch.Tensor, fixed: torch.Tensor,
     Bayesian update runs on the CPU. -> tokens (batch_size, L) on the CPU."""
     device = model_device(model)
     K, beta_1 = model.cfg.vocab_size, model.cfg.beta
-    rng = np.random.default_rng(sampling.seed)
-    gen = make_generator(sampling.seed, "cpu")
+    rng, keys = np.random.default_rng(sampling.seed), torch.from_numpy(noise_keys(sampling.seed, batch_size, n_steps))
     ids, fixed = ids.cpu(), fixed.cpu()
     one_hot = F.one_hot(ids, K).float()
     log_theta = torch.full((batch_size, len(ids), K), -math.log(K))
@@ -443,83 +411,15 @@ def generate_reference(model: nn.Module, ids: torch.Tensor, fixed: torch.Tensor,
 
     for i in range(1, n_steps + 1):
         k = draw(log_theta, (i - 1) / n_steps)
-        log_theta = bayesian_update(log_theta, k, step_alpha(beta_1, i, n_steps), gen)
+        noise = update_noise(keys[i - 1], len(ids), K)
+        log_theta = bayesian_update(log_theta, k, step_alpha(beta_1, i, n_steps), noise)
     return draw(log_theta, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------- generate
 
 
-def request_tokenizer(request: GenerateRequest):
-    data = tokenizer_bytes(request.options)
-    if data is None:
-        raise UserError("bfn generation needs the checkpoint's tokenizer (options['assets'])")
-    return load_sentencepiece(data)
-
-
-def build_sequence(cfg: Config, request: GenerateRequest, sp) -> tuple[list[int], list[bool], slice]:
-    """-> (token ids, fixed flags) over the used positions, and the slice of positions the output returns."""
-    template = request.options.get("infill")
-    if template:
-        if request.prompt:
-            raise UserError("give either a prompt or an infill template, not both")
-        ids: list[int] = []
-        fixed: list[bool] = []
-        for part in template:
-            if isinstance(part, str):
-                piece = sp.encode(part)
-                ids += piece
-                fixed += [True] * len(piece)
-            elif isinstance(part, int) and not isinstance(part, bool) and part > 0:
-                ids += [0] * part
-                fixed += [False] * part
-            else:
-                raise UserError(f"infill template parts are text or hole sizes > 0, got {part!r}")
-        if len(ids) > cfg.seq_len:
-            raise UserError(f"the infill template takes {len(ids)} tokens; the model's sequence has {cfg.seq_len}")
-        return ids, fixed, slice(0, len(ids))
-    try:
-        prompt = sp.encode(request.prompt.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"the prompt is not valid UTF-8: byte 0x{request.prompt[e.start]:02x} at offset {e.start}") \
-            from None
-    room = cfg.seq_len - len(prompt)
-    if room < 1:
-        raise UserError(f"the prompt takes {len(prompt)} tokens; the model's sequence has {cfg.seq_len}")
-    max_new = request.max_new or room
-    if max_new > room:
-        raise UserError(f"--max-new {max_new} does not fit: the sequence has {cfg.seq_len} tokens and the prompt "
-                        f"takes {len(prompt)}, leaving {room}")
-    return prompt, [True] * len(prompt), slice(len(prompt), len(prompt) + max_new)
-
-
-def sampling_steps(cfg: Config, request: GenerateRequest) -> int:
-    """The request's n_steps option, else the model's; every backend reads it here."""
-    n_steps = int(request.options.get("n_steps") or cfg.n_steps)
-    if n_steps < 1:
-        raise UserError(f"the Bayesian-flow sampler needs at least 1 step, not {n_steps}")
-    return n_steps
-
-
-@dataclass
-class Plan:
-    """A generate request laid out on the model's seq_len positions (every backend samples from one)."""
-    ids: list[int]  # prompt / template tokens, 0 elsewhere; seq_len long
-    fixed: list[bool]  # positions the sampler keeps (conditioning); seq_len long
-    out: slice  # the positions returned
-    n_steps: int
-    n_new: int  # sampled tokens per row inside out
-
-
-def plan_generation(cfg: Config, request: GenerateRequest, sp) -> Plan:
-    if sp.vocab_size() != cfg.vocab_size:
-        raise UserError(f"the tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}")
-    ids, fixed, out = build_sequence(cfg, request, sp)
-    pad = cfg.seq_len - len(ids)  # positions after the used ones are sampled too: the network knows L tokens
-    n_new = sum(not f for f in fixed[out]) if request.options.get("infill") else out.stop - out.start
-    return Plan(ids + [0] * pad, fixed + [False] * pad, out, sampling_steps(cfg, request), n_new)
-
-
+@stepwise
 def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str = "eager") -> GenerateResult:
     if backend not in BACKENDS:
         raise UserError(f"bfn has no backend {backend!r} here; choose from {', '.join(BACKENDS)}")
@@ -530,8 +430,11 @@ def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str =
     device = model_device(model)
     sync(device)
     t0 = time.perf_counter()
-    loop = generate_reference if backend == "eager-reference" else generate_eager
-    tokens = loop(model, ids_t, fixed_t, plan.n_steps, request.sampling, request.batch_size)
+    if backend == "eager-reference":
+        tokens = generate_reference(model, ids_t, fixed_t, plan.n_steps, request.sampling, request.batch_size)
+    else:
+        steps = generate_eager.steps(model, ids_t, fixed_t, plan.n_steps, request.sampling, request.batch_size)
+        tokens = yield from map_steps(steps, lambda _: [b""] * request.batch_size)
     rows = tokens[:, plan.out].tolist()
     sync(device)
     seconds = time.perf_counter() - t0
