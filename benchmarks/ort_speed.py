@@ -1,6 +1,6 @@
 """ONNX Runtime vs eager vs eager-reference generation on the CPU, for every family with an exporter and a runtime.
 
-    python -m bytedeploy.benchmarks.ort_speed --out benchmarks/results/ort-cpu.json    # + ort-cpu.png beside it
+    python -m bytedeploy.benchmarks.ort_speed --out benchmarks/results/cpu-ort.json    # + cpu-ort.png beside it
 
 Per family: train the tiny preset for a few steps on a small folder of standard-library files (through the CLI, so
 the checkpoint carries its tokenizer), export an fp32 bundle (BitNet: --bitlinear qdq), then time greedy generation

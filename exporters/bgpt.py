@@ -1,24 +1,33 @@
-"""bGPT -> three ONNX graphs, the pieces of bytedeploy.models.bgpt.generate_cached:
+"""bGPT -> ONNX graphs: the pieces of bytedeploy.models.bgpt.generate_cached, over a static patch-level KV cache.
 
-    patch_prefill  patches (B, N, P) int64, positions (N,)
-                   -> feature (B, 1, C) of the last patch, present_k / present_v (L, B, H, N, D)
-    patch_decode   patch (B, 1, P) int64, positions (1,), past_k / past_v (L, B, H, T, D)
-                   -> feature (B, 1, C), present_k / present_v (L, B, H, T+1, D)
-    byte_step      feature (B, F, C) with F = 1 (the first call of a patch: [feature, forced bytes]) or F = 0 (one
-                   more byte), bytes (B, K) int64, positions (F+K,), past_k / past_v of the byte decoder
-                   -> logits (B, 257) of the last position, present_k / present_v
+    patch_prefill       patches (b, N, P) int64 (N prompt patches from position 0), rows (b,), feature (B, C),
+                        past_k.i / past_v.i (B, H, T, D) of the patch decoder
+                        -> feature_out: feature with row rows[i] set to the last patch's feature of prompt i;
+                           present caches (the rows' slots 0..N-1 written)
+    patch_decode        patch (B, P) int64, pos (B,) each row's patch position, past caches
+                        -> feature (B, C) of the patch at its position, pos_out = pos + 1, present caches (the
+                           patch's keys and values at slot pos)
+    byte_patch_greedy   feature (B, C), forced (B, P) int64, n_forced (B,) int64
+                        -> patch (B, P) int64, logits (B, P, 257): the byte decoder's 16 steps unrolled in one graph,
+                           each byte the argmax, or forced[b, i] for i < n_forced[b] (a prompt's partial last patch);
+                           after a 256 every byte is 256
+    byte_patch          the same with sampling: + u (B, P) uniforms, temperature, top_k, top_p (B,) per row
+                        (onnx_graphs.sample_tokens at every byte)
 
-With --patch-decode plugin, a fourth graph:
+A patch is two calls, byte_patch(_greedy) then patch_decode; their values stay on the device and the loop reads the
+patch once (runtimes/bgpt.py). The byte decoder restarts at every patch, so its keys and values live inside the
+byte_patch graphs. patch_decode's outputs may overwrite its inputs in place (present caches onto past ones,
+feature_out onto the feature) except pos_out. Positions are inputs (learned position embeddings through
+GPT2Stack's pos_emb) and the masks are built from tensors (onnx_graphs.slot_mask, attention_mask), so nothing in
+the graphs depends on a Python int taken from a traced shape.
+
+With --patch-decode plugin, one more graph:
 
     patch_decode_fused  feature (B, C), forced (B, P) int32 (the first n_forced bytes of the patch), n_forced (1,)
                         int32 -> patch (B, P) int32: one bytedeploy::BytePatchDecode node (the TensorRT plugin of
                         plugins/trt_plugins.py) that decodes the whole patch, its byte decoder weights and sampling
                         settings (FUSED_SAMPLING: greedy) in the node's attributes. Runtimes other than TensorRT
-                        keep using byte_step (ONNX Runtime has no implementation of the op).
-
-Positions are inputs (learned position embeddings through GPT2Stack's pos_emb) and the causal mask is built from
-tensors (onnx_graphs.attention_mask), so nothing in the graphs depends on a Python int taken from a traced shape.
-The feature output has the shape the byte_step input wants, so a runtime passes it on as a device value.
+                        keep using byte_patch (ONNX Runtime has no implementation of the op).
 """
 
 from __future__ import annotations
@@ -35,24 +44,30 @@ from onnx import TensorProto, helper, numpy_helper
 from bytedeploy.errors import UserError
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS, GraphSpec, TensorSpec
 from bytedeploy.exporters.onnx_graphs import (
-    CACHE_AXES,
-    PRESENT_AXES,
+    SAMPLING_INPUTS,
     attention_mask,
-    cache_arrays,
+    cache_axes,
+    cache_names,
     check_exported,
+    count_up,
+    empty_caches,
     export_graph,
-    layer_caches,
+    export_opset,
     prefill_caches,
-    stacked,
+    row_caches,
+    sample_tokens,
+    sampling_example,
+    slot_caches,
+    slot_mask,
+    written,
 )
+from bytedeploy.families.bgpt import FUSED, SPECIAL
 from bytedeploy.models.bgpt import N_SYMBOLS, Model
 from bytedeploy.plugins.patch_decode import plugin_fields_of
 from bytedeploy.sampling import SamplingConfig
 from bytedeploy.verify import VerifyCase
 
-N_FORCED = 3  # forced bytes in the verify cases' first byte_step call (a prompt's partial last patch)
 PATCH_DECODE_MODES = ("plugin",)
-FUSED = "patch_decode_fused"
 FUSED_OP = "BytePatchDecode"
 FUSED_SAMPLING = SamplingConfig(temperature=0.0)  # baked into the node; runtimes use it for matching requests only
 
@@ -62,12 +77,13 @@ class PatchPrefill(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, patches, positions):
+    def forward(self, patches, rows, feature, *caches):
         stack = self.model.patch_decoder
-        caches = prefill_caches(len(stack.h))
+        step_caches = row_caches(list(caches), rows)
         x = self.model.embed_patches(patches)
-        h = stack(x, caches, attn_mask=attention_mask(None, positions, x.dtype), pos_emb=stack.wpe(positions))
-        return (h[:, -1:], *stacked(caches))
+        positions = count_up(patches[0, :, 0])
+        h = stack(x, step_caches, attn_mask=attention_mask(None, positions, x.dtype), pos_emb=stack.wpe(positions))
+        return (feature.index_put((rows,), h[:, -1].to(feature.dtype)), *written(step_caches))
 
 
 class PatchDecode(nn.Module):
@@ -75,33 +91,46 @@ class PatchDecode(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, patch, positions, past_k, past_v):
+    def forward(self, patch, pos, *caches):
         stack = self.model.patch_decoder
-        caches = layer_caches(past_k, past_v)
-        x = self.model.embed_patches(patch)
-        mask = attention_mask(past_k[0, 0, 0, :, 0], positions, x.dtype)
-        h = stack(x, caches, attn_mask=mask, pos_emb=stack.wpe(positions))
-        return (h[:, -1:], *stacked(caches))
+        at = torch.minimum(pos, count_up(caches[0][0, 0, :, 0])[-1])[:, None]
+        step_caches = slot_caches(list(caches), at)
+        x = self.model.embed_patches(patch[:, None])
+        h = stack(x, step_caches, attn_mask=slot_mask(caches[0], at, x.dtype), pos_emb=stack.wpe(at))
+        return (h[:, -1], pos + 1, *written(step_caches))
 
 
-class ByteStep(nn.Module):
-    def __init__(self, model: Model):
+class BytePatch(nn.Module):
+    """The byte decoder's patch_size steps, unrolled: each reads the byte before (the feature first), chooses the next
+    byte and feeds it on; forced bytes replace the chosen ones, and after a 256 every byte is 256 (generate_patch)."""
+
+    def __init__(self, model: Model, sampled: bool):
         super().__init__()
-        self.model = model
+        self.model, self.sampled = model, sampled
 
-    def forward(self, feature, bytes_in, positions, past_k, past_v):
-        m = self.model
-        caches = layer_caches(past_k, past_v)
-        x = torch.cat([feature.to(m.byte_wte.weight.dtype), m.byte_wte(bytes_in)], 1)
-        mask = attention_mask(past_k[0, 0, 0, :, 0], positions, x.dtype)
-        h = m.byte_decoder(x, caches, attn_mask=mask, pos_emb=m.byte_decoder.wpe(positions))
-        return (m.lm_head(h[:, -1]), *stacked(caches))
-
-
-def empty_cache(stack, batch_size: int, dtype) -> np.ndarray:
-    """(L, B, H, 0, D): the past of a decoder's first call."""
-    c = stack.cfg
-    return np.zeros((c.n_layer, batch_size, c.n_head, 0, c.n_embd // c.n_head), dtype=dtype)
+    def forward(self, feature, forced, n_forced, *sampling):
+        m, P = self.model, self.model.cfg.patch_size
+        stack = m.byte_decoder
+        caches = prefill_caches(len(stack.h))
+        x = feature[:, None].to(m.byte_wte.weight.dtype)
+        seen = torch.zeros_like(n_forced, dtype=torch.bool)
+        patch, logits = [], []
+        for i in range(P):
+            h = stack(x, caches, pos_emb=stack.wpe.weight[i:i + 1])
+            step_logits = m.lm_head(h[:, -1])
+            if self.sampled:
+                u, temperature, top_k, top_p = sampling
+                byte = sample_tokens(step_logits, u[:, i], temperature, top_k, top_p, N_SYMBOLS)
+            else:
+                byte = step_logits.argmax(-1)
+            byte = torch.where(n_forced > i, forced[:, i], byte)
+            byte = torch.where(seen, torch.full_like(byte, SPECIAL), byte)
+            seen = seen | (byte == SPECIAL)
+            patch.append(byte)
+            logits.append(step_logits)
+            if i + 1 < P:
+                x = m.byte_wte(byte)[:, None]
+        return torch.stack(patch, 1), torch.stack(logits, 1)
 
 
 def check_generative(cfg) -> None:
@@ -114,36 +143,38 @@ def export_graphs(model: Model, cfg, folder: Path, precision: str, bitlinear, op
     check_generative(cfg)
     if patch_decode is not None and patch_decode not in PATCH_DECODE_MODES:
         raise UserError(f"unknown --patch-decode {patch_decode!r}; choose {', '.join(PATCH_DECODE_MODES)}")
-    B, N, P = 2, 3, cfg.patch_size
+    opset = export_opset(opset)
+    B, N, P, T, C = 2, 3, cfg.patch_size, 5, cfg.n_embd
+    L, H = cfg.n_layer, cfg.n_head
+    dtype = model.byte_wte.weight.dtype
     g = torch.Generator().manual_seed(0)
     patches = torch.randint(0, N_SYMBOLS, (B, N, P), generator=g)
-    prefill = PatchPrefill(model)
-    feature, pk, pv = prefill(patches, torch.arange(N))
+    caches = empty_caches(L, B, H, T, C // H, dtype)
+    past, present = cache_names(L), cache_names(L, "present")
+    axes = cache_axes(L)
+    batch = {0: "batch"}
     graphs = [export_graph(
-        prefill, "patch_prefill", (patches, torch.arange(N)), folder, ["patches", "positions"],
-        ["feature", "present_k", "present_v"],
-        {"patches": {0: "batch", 1: "patches"}, "positions": {0: "patches"}, "feature": {0: "batch"},
-         "present_k": {1: "batch", 3: "patches"}, "present_v": {1: "batch", 3: "patches"}}, opset)]
+        PatchPrefill(model), "patch_prefill", (patches, torch.tensor([1, 0]), torch.zeros(B, C, dtype=dtype),
+                                               *caches), folder, ["patches", "rows", "feature", *past],
+        ["feature_out", *present],
+        {"patches": {0: "batch", 1: "patches"}, "rows": batch, "feature": batch, "feature_out": batch, **axes}, opset)]
     graphs.append(export_graph(
-        PatchDecode(model), "patch_decode", (patches[:, :1], torch.tensor([N]), pk, pv), folder,
-        ["patch", "positions", "past_k", "past_v"], ["feature", "present_k", "present_v"],
-        {"patch": {0: "batch"}, "feature": {0: "batch"}, "past_k": CACHE_AXES, "past_v": CACHE_AXES,
-         "present_k": PRESENT_AXES, "present_v": PRESENT_AXES}, opset))
-    # Traced with a feature, two bytes and a non-empty past so that no axis is specialised to 0 or 1.
-    byte_caches = model.byte_decoder.make_caches(B, P + 1)
-    model.byte_logits(feature[:, 0], patches[:, 0, :2], byte_caches, 0)
-    past_k = torch.stack([c.k[:, :, :3] for c in byte_caches])
-    past_v = torch.stack([c.v[:, :, :3] for c in byte_caches])
-    graphs.append(export_graph(
-        ByteStep(model), "byte_step", (feature, patches[:, 0, 3:5], torch.tensor([3, 4, 5]), past_k, past_v),
-        folder, ["feature", "bytes", "positions", "past_k", "past_v"], ["logits", "present_k", "present_v"],
-        {"feature": {0: "batch", 1: "n_feature"}, "bytes": {0: "batch", 1: "n_bytes"}, "positions": {0: "new"},
-         "past_k": CACHE_AXES, "past_v": CACHE_AXES, "logits": {0: "batch"},
-         "present_k": PRESENT_AXES, "present_v": PRESENT_AXES}, opset))
+        PatchDecode(model), "patch_decode", (patches[:, 0], torch.tensor([2, 4]), *caches), folder,
+        ["patch", "pos", *past], ["feature", "pos_out", *present],
+        {"patch": batch, "pos": batch, "feature": batch, "pos_out": batch, **axes}, opset))
+    byte_args = (torch.zeros(B, C, dtype=dtype), patches[:, 1], torch.tensor([0, 3]))
+    byte_names = ["feature", "forced", "n_forced"]
+    byte_axes = {name: batch for name in [*byte_names, *SAMPLING_INPUTS, "patch", "logits"]}
+    graphs.append(export_graph(BytePatch(model, sampled=False), "byte_patch_greedy", byte_args, folder, byte_names,
+                               ["patch", "logits"], byte_axes, opset))
+    u = torch.full((B, P), 0.5)
+    graphs.append(export_graph(BytePatch(model, sampled=True), "byte_patch",
+                               (*byte_args, u, *sampling_example(B)[1:]), folder, [*byte_names, *SAMPLING_INPUTS],
+                               ["patch", "logits"], byte_axes, opset))
     if patch_decode is None:
-        return graphs, {}
+        return graphs, {"opset": opset}
     graphs.append(export_fused_patch_decode(model, folder, opset))
-    return graphs, {"patch_decode": patch_decode, "patch_decode_sampling": asdict(FUSED_SAMPLING)}
+    return graphs, {"patch_decode": patch_decode, "patch_decode_sampling": asdict(FUSED_SAMPLING), "opset": opset}
 
 
 def export_fused_patch_decode(model: Model, folder: Path, opset: int) -> GraphSpec:
@@ -179,54 +210,39 @@ def export_fused_patch_decode(model: Model, folder: Path, opset: int) -> GraphSp
 
 @torch.no_grad()
 def verify_cases(model: Model, cfg, bundle, batch_size: int, decode_steps: int, seed: int) -> list[VerifyCase]:
-    """patch_prefill over 4 random patches, then decode_steps patch_decode steps (as many as the context allows),
-    then byte_step over two whole patches: the first from the prefill's feature with N_FORCED forced bytes, the
-    second from the last decode feature with none. Each call is fed the eager caches of the call before."""
+    """patch_prefill over 4 random patches into static caches of n_patches slots, then decode_steps patch_decode
+    steps (as many as the context allows), each fed the eager caches of the call before; then byte_patch_greedy on
+    the prefill's and the last decode's features with every byte forced (teacher forcing: random bytes), whose
+    logits are the byte decoder's over [feature, bytes]."""
     check_generative(cfg)
     B, P = batch_size, cfg.patch_size
     g = torch.Generator().manual_seed(seed)
     n_prompt = min(4, cfg.n_patches - 1)
     patches = torch.randint(0, N_SYMBOLS, (B, n_prompt, P), generator=g)
-    patch_caches = model.patch_decoder.make_caches(B, cfg.n_patches)
-    feature = model.encode_patches(patches, patch_caches, 0)[:, -1:]
-    pk, pv = cache_arrays(patch_caches, n_prompt)
+    caches = model.patch_decoder.make_caches(B, cfg.n_patches)
+    past, present = cache_names(cfg.n_layer), cache_names(cfg.n_layer, "present")
+    state = lambda names: dict(zip(names, [t.numpy().copy() for t in [c.k for c in caches] + [c.v for c in caches]]))
+    dtype = model.byte_wte.weight.dtype
+    before = state(past)
+    feature = model.encode_patches(patches, caches, 0)[:, -1]
     cases = [VerifyCase("patch_prefill", "patch_prefill",
-                        {"patches": patches.numpy(), "positions": np.arange(n_prompt, dtype=np.int64)},
-                        {"feature": feature.numpy(), "present_k": pk, "present_v": pv})]
+                        {"patches": patches.numpy(), "rows": np.arange(B),
+                         "feature": np.zeros((B, cfg.n_embd), dtype=feature.numpy().dtype), **before},
+                        {"feature_out": feature.numpy(), **state(present)})]
     features = [feature]
     for step in range(min(decode_steps, cfg.n_patches - n_prompt)):
         pos = n_prompt + step
-        patch = torch.randint(0, N_SYMBOLS, (B, 1, P), generator=g)
-        feeds = {"patch": patch.numpy(), "positions": np.array([pos], dtype=np.int64), "past_k": pk, "past_v": pv}
-        feature = model.encode_patches(patch, patch_caches, pos)[:, -1:]
-        pk, pv = cache_arrays(patch_caches, pos + 1)
-        cases.append(VerifyCase("patch_decode", f"patch_decode {step + 1}", feeds,
-                                {"feature": feature.numpy(), "present_k": pk, "present_v": pv}))
+        patch = torch.randint(0, N_SYMBOLS, (B, P), generator=g)
+        before = state(past)
+        feature = model.encode_patches(patch[:, None], caches, pos)[:, -1]
+        cases.append(VerifyCase("patch_decode", f"patch_decode {step + 1}",
+                                {"patch": patch.numpy(), "pos": np.full(B, pos, dtype=np.int64), **before},
+                                {"feature": feature.numpy(), **state(present)}))
         features.append(feature)
-    for i, (feature, n_forced) in enumerate([(features[0], min(N_FORCED, P - 1)), (features[-1], 0)]):
-        cases += byte_patch_cases(model, feature, n_forced, g, f"byte_step p{i} ")
-    return cases
-
-
-def byte_patch_cases(model: Model, feature: torch.Tensor, n_forced: int, g: torch.Generator, label: str):
-    """One patch of byte_step calls: [feature, forced bytes], then one random byte at a time up to P."""
-    B, P = feature.size(0), model.cfg.patch_size
-    caches = model.byte_decoder.make_caches(B, P + 1)
-    empty = empty_cache(model.byte_decoder, B, feature.numpy().dtype)
-    forced = torch.randint(0, N_SYMBOLS, (B, n_forced), generator=g)
-    feeds = {"feature": feature.numpy(), "bytes": forced.numpy(),
-             "positions": np.arange(1 + n_forced, dtype=np.int64), "past_k": empty, "past_v": empty}
-    logits = model.byte_logits(feature[:, 0], forced, caches, 0)[:, -1]
-    k, v = cache_arrays(caches, 1 + n_forced)
-    cases = [VerifyCase("byte_step", f"{label}{1 + n_forced}", feeds,
-                        {"logits": logits.numpy(), "present_k": k, "present_v": v})]
-    no_feature = feature.numpy()[:, :0]
-    for pos in range(1 + n_forced, P):
-        byte = torch.randint(0, N_SYMBOLS, (B, 1), generator=g)
-        feeds = {"feature": no_feature, "bytes": byte.numpy(), "positions": np.array([pos], dtype=np.int64),
-                 "past_k": k, "past_v": v}
-        logits = model.byte_logits(None, byte, caches, pos)[:, -1]
-        k, v = cache_arrays(caches, pos + 1)
-        cases.append(VerifyCase("byte_step", f"{label}{pos + 1}", feeds,
-                                {"logits": logits.numpy(), "present_k": k, "present_v": v}))
+    for i, feature in enumerate([features[0], features[-1]]):
+        forced = torch.randint(0, SPECIAL, (B, P), generator=g)  # real bytes: no 256 to end the patch
+        logits = model.byte_logits(feature.to(dtype), forced[:, :-1])
+        cases.append(VerifyCase("byte_patch_greedy", f"byte_patch p{i}",
+                                {"feature": feature.numpy(), "forced": forced.numpy(),
+                                 "n_forced": np.full(B, P, dtype=np.int64)}, {"logits": logits.numpy()}))
     return cases

@@ -1,12 +1,14 @@
-"""BitNet -> ONNX: a prefill graph and a decode-with-KV graph, BitLinear in one of two modes.
+"""BitNet -> ONNX: the token step graphs of onnx_graphs (prefill, decode, sample), BitLinear in one of two modes.
 
-    prefill(ids (B, T) i64) -> logits (B, 256) of the last position, present_k, present_v (L, B, H, T, D)
-    decode(ids (B, 1) i64, past_k, past_v (L, B, H, P, D), start (1,) i64)
-        -> logits (B, 256), present_k, present_v (L, B, H, P + 1, D)
+    prefill  tokens (b, S) i64 at positions 0..S-1, rows (b,), past_k.i / past_v.i (B, H, T, D)
+             -> logits (b, 256) of the last position, present_k.i / present_v.i (the rows' slots 0..S-1 written)
+    decode   seq (B, N), pos (B,) i64, past caches -> logits (B, 256) of seq[b, pos[b]] at position pos[b], seq_out
+             (the argmax at pos + 1), pos_out, present caches
+    sample   logits, u, temperature, top_k, top_p, seq, pos -> seq_out
 
-Prefill runs positions 0..T-1 (the runtime loop, like the eager one, re-prefills a sliding window from position 0);
-decode runs position start (= P). The rotary tables are initializers gathered at those positions, so no position is
-a constant of the trace. Caches are float32 in fp32 bundles and float16 in fp16 ones.
+The runtime loop, like the eager one, re-prefills a sliding window from position 0 once the context is full. The
+rotary tables are initializers gathered at the positions (a tensor), each row at its own, so no position is a
+constant of the trace. Caches are float32 in fp32 bundles and float16 in fp16 ones.
 
 Every BitLinear is traced as one node: its RMSNorm in standard ops, then ``bytedeploy::BitLinear`` (the custom op
 whose contract is at the top of plugins/ort_ops.py) on the norm's float32 output, with the 2-bit packed weights
@@ -53,16 +55,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bytedeploy.errors import UserError
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS
-from bytedeploy.exporters.onnx_graphs import (
-    CACHE_AXES,
-    PRESENT_AXES,
-    cache_arrays,
-    check_exported,
-    export_graph,
-    layer_caches,
-    prefill_caches,
-    stacked,
-)
+from bytedeploy.exporters.onnx_graphs import cache_names, check_exported, export_token_graphs
+from bytedeploy.families.bitnet import FP_MODE
 from bytedeploy.models import bitnet
 from bytedeploy.models.bitlinear import ACT_QMAX, EPS, BitLinear, bitlinear_int, unpack_ternary
 from bytedeploy.verify import VerifyCase
@@ -77,13 +71,6 @@ TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest opset
 # round differently from torch's): up to 4.3e-2 on logits of ~10 and 5e-3 on caches.
 VERIFY_TOLERANCES = {"fp32": (5e-2, 1e-4), "fp16": (1e-1, 2e-2)}
 
-PREFILL_INPUTS, DECODE_INPUTS = ["ids"], ["ids", "past_k", "past_v", "start"]
-OUTPUTS = ["logits", "present_k", "present_v"]
-PREFILL_AXES = {"ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"},
-                "present_k": {1: "batch", 3: "seq"}, "present_v": {1: "batch", 3: "seq"}}
-DECODE_AXES = {"ids": {0: "batch"}, "logits": {0: "batch"},
-               "past_k": CACHE_AXES, "past_v": CACHE_AXES,
-               "present_k": PRESENT_AXES, "present_v": PRESENT_AXES}
 
 
 # ----------------------------------------------------------------------------------------------- BitLinear node
@@ -136,37 +123,15 @@ def deployment_copy(model: bitnet.Model) -> bitnet.Model:
 # ----------------------------------------------------------------------------------------------- graphs
 
 
-def run_layers(model: bitnet.Model, ids, positions, caches, start=0):
-    """bitnet.Model.logits at the given positions (a tensor, traced), for the last position only, the final norm's
-    float32 output cast to the LM head's dtype (fp16 bundles) -> logits (B, 256). start is for KVCache.update
-    (verify_cases' eager run); ConcatCache ignores it."""
-    cos, sin = model.rope_cos.index_select(0, positions), model.rope_sin.index_select(0, positions)
+def run_layers(model: bitnet.Model, ids, positions, caches, start=0, attn_mask=None):
+    """bitnet.Model.logits at the given positions (B or 1, T) (a tensor, traced), the final norm's float32 output
+    cast to the LM head's dtype (fp16 bundles) -> logits (B, T, 256). start is for KVCache.update (verify_cases' eager
+    run); the graphs' caches ignore it."""
+    cos, sin = model.rope_cos[positions][:, None], model.rope_sin[positions][:, None]
     x = model.tok_emb(ids)
     for layer, cache in zip(model.layers, caches):
-        x = layer(x, cos, sin, cache, start)
-    return model.lm_head(model.norm(x[:, -1]).to(model.lm_head.weight.dtype))
-
-
-class Prefill(nn.Module):
-    def __init__(self, model: bitnet.Model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        caches = prefill_caches(len(self.model.layers))
-        logits = run_layers(self.model, ids, torch.arange(ids.size(1), device=ids.device), caches)
-        return (logits, *stacked(caches))
-
-
-class Decode(nn.Module):
-    def __init__(self, model: bitnet.Model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids, past_k, past_v, start):
-        caches = layer_caches(past_k, past_v)
-        logits = run_layers(self.model, ids, start, caches)
-        return (logits, *stacked(caches))
+        x = layer(x, cos, sin, cache, start, attn_mask)
+    return model.lm_head(model.norm(x).to(model.lm_head.weight.dtype))
 
 
 def resolve_mode(bitlinear: str | None) -> str:
@@ -176,24 +141,19 @@ def resolve_mode(bitlinear: str | None) -> str:
     return mode
 
 
-def example_inputs(cfg: bitnet.Config, dtype: torch.dtype, batch_size: int = 2, prompt_len: int = 5):
-    ids = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0))
-    cache = torch.zeros(cfg.n_layer, batch_size, cfg.n_head, prompt_len, cfg.head_dim, dtype=dtype)
-    return (ids,), (ids[:, -1:], cache, cache.clone(), torch.tensor([prompt_len]))
-
-
 def export_graphs(model: bitnet.Model, cfg: bitnet.Config, folder: Path, precision: str, bitlinear: str | None,
                   opset: int):
+    if cfg.mode == FP_MODE:
+        raise UserError("this BitNet is the full-precision twin (mode=fp), a training baseline: it has no BitLinear "
+                        "weights to export")
     mode = resolve_mode(bitlinear)
     deploy = deployment_copy(model)
     dtype = deploy.tok_emb.weight.dtype
     trace_opset = min(opset, TRACE_MAX_OPSET)
     final_opset = max(opset, QDQ_OPSET) if mode == "qdq" else opset
-    prefill_args, decode_args = example_inputs(cfg, dtype)
-    graphs = [export_graph(Prefill(deploy), "prefill", prefill_args, folder, PREFILL_INPUTS, OUTPUTS, PREFILL_AXES,
-                           trace_opset, custom_ops=True),
-              export_graph(Decode(deploy), "decode", decode_args, folder, DECODE_INPUTS, OUTPUTS, DECODE_AXES,
-                           trace_opset, custom_ops=True)]
+    step = lambda model, tokens, positions, caches, mask: run_layers(model, tokens, positions, caches, 0, mask)
+    graphs = export_token_graphs(deploy, step, folder, cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size, dtype,
+                                 trace_opset, custom_ops=True)
     if mode == "plugin" and final_opset == trace_opset:
         return graphs, {"bitlinear": mode, "opset": final_opset}  # as traced and checked by export_graph
     for spec in graphs:
@@ -298,9 +258,9 @@ def expand_bitlinear_nodes(model_proto: onnx.ModelProto) -> None:
 @torch.no_grad()
 def verify_cases(model: bitnet.Model, cfg: bitnet.Config, bundle, batch_size: int, decode_steps: int,
                  seed: int) -> list[VerifyCase]:
-    """A prefill of random bytes, then decode_steps single-byte steps, each fed eager's cache of the step before.
-    Expected: the eager model in the integer reference path (set_inference_int), in the model's dtype, with the
-    shared KVCache."""
+    """A prefill of random bytes into static caches of the context's length, then decode_steps single-byte steps, each
+    fed eager's caches of the step before. Expected: the eager model in the integer reference path
+    (set_inference_int), in the model's dtype, with the shared KVCache (whose buffers are the static caches)."""
     prompt_len = max(2, min(16, cfg.block_size - decode_steps))
     if prompt_len + decode_steps > cfg.block_size:
         raise UserError(f"{decode_steps} decode steps after a {prompt_len}-byte prefill exceed the model's "
@@ -308,19 +268,20 @@ def verify_cases(model: bitnet.Model, cfg: bitnet.Config, bundle, batch_size: in
     ref = copy.deepcopy(model).eval().set_inference_int(True)
     total = prompt_len + decode_steps
     ids = torch.randint(0, cfg.vocab_size, (batch_size, total), generator=torch.Generator().manual_seed(seed))
-    caches = ref.make_caches(batch_size, total)
+    caches = ref.make_caches(batch_size, cfg.block_size)
+    names, present = cache_names(cfg.n_layer), cache_names(cfg.n_layer, "present")
+    state = lambda: [t.numpy().copy() for t in [c.k for c in caches] + [c.v for c in caches]]
 
-    def expected(logits, n):
-        present_k, present_v = cache_arrays(caches, n)
-        return {"logits": logits.numpy(), "present_k": present_k, "present_v": present_v}
-
-    logits = run_layers(ref, ids[:, :prompt_len], torch.arange(prompt_len), caches, 0)
-    cases = [VerifyCase("prefill", "prefill", {"ids": ids[:, :prompt_len].numpy()}, expected(logits, prompt_len))]
+    before = state()
+    logits = run_layers(ref, ids[:, :prompt_len], torch.arange(prompt_len)[None], caches, 0)[:, -1]
+    cases = [VerifyCase("prefill", "prefill", {"tokens": ids[:, :prompt_len].numpy(),
+                                               "rows": np.arange(batch_size), **dict(zip(names, before))},
+                        {"logits": logits.numpy(), **dict(zip(present, state()))})]
     for i in range(decode_steps):
         n = prompt_len + i
-        past_k, past_v = cache_arrays(caches, n)
-        feeds = {"ids": ids[:, n:n + 1].numpy(), "past_k": past_k, "past_v": past_v,
-                 "start": np.array([n], dtype=np.int64)}
-        logits = run_layers(ref, ids[:, n:n + 1], torch.tensor([n]), caches, n)
-        cases.append(VerifyCase("decode", f"decode {i + 1}", feeds, expected(logits, n + 1)))
+        before = state()
+        feeds = {"seq": ids.numpy(), "pos": np.full(batch_size, n, dtype=np.int64), **dict(zip(names, before))}
+        logits = run_layers(ref, ids[:, n:n + 1], torch.tensor([[n]]), caches, n)[:, -1]
+        cases.append(VerifyCase("decode", f"decode {i + 1}", feeds, {"logits": logits.numpy(),
+                                                                    **dict(zip(present, state()))}))
     return cases

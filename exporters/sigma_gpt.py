@@ -1,19 +1,21 @@
-"""sigma-GPT export: prefill, decode-with-KV and burst-proposal graphs, all taking the order positions.
+"""sigma-GPT export: the ordered loop's step graphs over static KV caches, and the burst loop's passes.
 
 Every token comes with two positions (the double positional encoding): ``here``, where it sits, and
-``following``, the position of the token it predicts. Slots in the cache are generation steps, not positions.
+``following``, the position of the token it predicts. Cache slots are generation steps, not positions.
 
-    prefill         tokens, here, following (B, T) int64         -> logits (B, V) of the last token,
-                                                                   present_k, present_v (L, B, H, T, D)
-    decode          tokens, here, following (B, T) int64,        -> logits (B, T, V), present_k, present_v
-                    past_k, past_v (L, B, H, P, D)                  (L, B, H, P + T, D)
-    burst_proposal  tokens, here, following (B, R) int64,        -> logits (B, R, V)
-                    past_k, past_v (L, B, H, P, D)
+    prefill         tokens, here, following (b, S) int64, rows (b,), past_k.i / past_v.i (B, H, T, D)
+                    -> logits (b, V) of the last token, present caches (the rows' slots 0..S-1 written)
+    decode          seq (B, N) the tokens in generation order, pos (B,) each row's step, orders (B, N) the positions
+                    in generation order, past caches -> logits (B, V) of seq[b, pos[b]] at here = orders[pos],
+                    following = orders[pos + 1], written at slot pos; seq_out (the argmax at pos + 1), pos_out,
+                    present caches (onnx_graphs' token decode with sigma-GPT's positions)
+    sample          logits, u, temperature, top_k, top_p, seq, pos -> seq_out
+    score           tokens, here, following (B, S), start (B,), past caches -> logits (B, S, V), present caches:
+                    S new tokens at slots start.. of each row, causal among themselves (burst's scoring pass)
+    burst_proposal  the same inputs -> logits (B, S, V): each query sees the slots before start and itself, and no
+                    cache is kept (burst's proposal pass: the last known token queried for every remaining position)
 
-decode's T new tokens attend to the whole past and causally among themselves: T = 1 is the ordered loop's step,
-T = R the burst loop's scoring pass over the proposals in one order (rows = orders x samples). burst_proposal's
-queries (the last known token once per remaining position) attend to the past and to themselves only, and write
-no cache. All masks are built inside the graphs from their inputs (onnx_graphs.attention_mask), so no branch of
+Masks are built inside the graphs from their inputs (onnx_graphs.slot_mask and attention_mask), so no branch of
 CausalSelfAttention that depends on traced shapes is taken. The loops are in runtimes/sigma_gpt.py.
 """
 
@@ -26,14 +28,21 @@ import torch
 import torch.nn as nn
 
 from bytedeploy.exporters.onnx_graphs import (
-    CACHE_AXES,
-    PRESENT_AXES,
+    SEQ_AXES,
     attention_mask,
-    cache_arrays,
+    cache_axes,
+    cache_names,
+    count_up,
+    empty_caches,
     export_graph,
-    layer_caches,
-    prefill_caches,
-    stacked,
+    export_opset,
+    export_sample_graph,
+    put,
+    row_caches,
+    slot_caches,
+    slot_mask,
+    take,
+    written,
 )
 from bytedeploy.verify import VerifyCase
 
@@ -46,57 +55,82 @@ class Prefill(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, here, following):
-        caches = prefill_caches(self.model.cfg.n_layer)
+    def forward(self, tokens, here, following, rows, *caches):
+        step_caches = row_caches(list(caches), rows)
         mask = attention_mask(None, tokens[0], self.model.wte.weight.dtype)
-        logits = self.model.logits(tokens, here, following, caches, 0, mask)
-        return (logits[:, -1], *stacked(caches))
+        logits = self.model.logits(tokens, here, following, step_caches, 0, mask)
+        return (logits[:, -1], *written(step_caches))
 
 
 class Decode(nn.Module):
-    """T new tokens after the past, causal among themselves; or, diagonal=True, the burst proposal queries."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, seq, pos, orders, *caches):
+        at = torch.minimum(pos, count_up(caches[0][0, 0, :, 0])[-1])[:, None]
+        step_caches = slot_caches(list(caches), at)
+        mask = slot_mask(caches[0], at, self.model.wte.weight.dtype)
+        logits = self.model.logits(take(seq, pos), take(orders, pos), take(orders, pos + 1), step_caches, 0,
+                                   mask)[:, -1]
+        return (logits, put(seq, pos + 1, logits.argmax(-1)), pos + 1, *written(step_caches))
+
+
+class Extend(nn.Module):
+    """S new tokens per row at slots start..start+S-1: causal among themselves (score), or each query on its own
+    (diagonal: burst_proposal, which keeps no cache)."""
 
     def __init__(self, model, diagonal: bool = False):
         super().__init__()
         self.model = model
         self.diagonal = diagonal
 
-    def forward(self, tokens, here, following, past_k, past_v):
-        caches = layer_caches(past_k, past_v)
-        mask = attention_mask(past_k[0, 0, 0, :, 0], tokens[0], self.model.wte.weight.dtype, self.diagonal)
-        logits = self.model.logits(tokens, here, following, caches, 0, mask)
-        return logits if self.diagonal else (logits, *stacked(caches))
+    def forward(self, tokens, here, following, start, *caches):
+        slots = start[:, None] + count_up(tokens[0])[None]
+        step_caches = slot_caches(list(caches), slots)
+        mask = slot_mask(caches[0], slots, self.model.wte.weight.dtype, self.diagonal)
+        logits = self.model.logits(tokens, here, following, step_caches, 0, mask)
+        return logits if self.diagonal else (logits, *written(step_caches))
 
 
 def export_graphs(model, cfg, folder: Path, precision: str, bitlinear: str | None, opset: int):
     model = model.eval()
     dtype = model.wte.weight.dtype
+    opset = export_opset(opset)
     L, H, D = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
-    B, T, P = 2, 3, 2
-    pos = torch.arange(T + 1).flip(0).expand(B, -1)  # any positions: the graphs take them as inputs
-    example = (torch.arange(B * T).view(B, T) % cfg.vocab_size, pos[:, :-1], pos[:, 1:])
-    axes = {name: TOKEN_AXES for name in INPUTS}
+    B, S, T, N = 2, 3, 6, 7
+    caches = empty_caches(L, B, H, T, D, dtype)
+    past, present = cache_names(L), cache_names(L, "present")
+    axes = cache_axes(L)
+    pos = torch.arange(S + 1).flip(0).expand(B, -1)  # any positions: the graphs take them as inputs
+    example = (torch.arange(B * S).view(B, S) % cfg.vocab_size, pos[:, :-1], pos[:, 1:])
+    token_axes = {name: TOKEN_AXES for name in INPUTS}
     prefill = export_graph(
-        Prefill(model), "prefill", example, folder, INPUTS, ["logits", "present_k", "present_v"],
-        {**axes, "logits": {0: "batch"}, "present_k": PRESENT_AXES, "present_v": PRESENT_AXES}, opset)
-    past = torch.zeros(L, B, H, P, D, dtype=dtype)
-    with_past = (*example, past, past.clone())
-    axes.update(past_k=CACHE_AXES, past_v=CACHE_AXES)
+        Prefill(model), "prefill", (*example, torch.tensor([1, 0]), *caches), folder, [*INPUTS, "rows", *past],
+        ["logits", *present], {**token_axes, "rows": {0: "batch"}, "logits": {0: "batch"}, **axes}, opset)
+    seq = torch.arange(B * N).view(B, N) % cfg.vocab_size
+    orders = torch.arange(N).flip(0).expand(B, -1)
     decode = export_graph(
-        Decode(model), "decode", with_past, folder, [*INPUTS, "past_k", "past_v"],
-        ["logits", "present_k", "present_v"],
-        {**axes, "logits": TOKEN_AXES, "present_k": PRESENT_AXES, "present_v": PRESENT_AXES}, opset)
-    proposal = export_graph(
-        Decode(model, diagonal=True), "burst_proposal", with_past, folder, [*INPUTS, "past_k", "past_v"],
-        ["logits"], {**axes, "logits": TOKEN_AXES}, opset)
-    return [prefill, decode, proposal], {}
+        Decode(model), "decode", (seq, torch.tensor([2, 4]), orders, *caches), folder, ["seq", "pos", "orders", *past],
+        ["logits", "seq_out", "pos_out", *present],
+        {"seq": SEQ_AXES, "seq_out": SEQ_AXES, "orders": SEQ_AXES, "pos": {0: "batch"}, "pos_out": {0: "batch"},
+         "logits": {0: "batch"}, **axes}, opset)
+    extend_args = (*example, torch.tensor([1, 2]), *caches)
+    extend_axes = {**token_axes, "start": {0: "batch"}, "logits": TOKEN_AXES, **axes}
+    score = export_graph(Extend(model), "score", extend_args, folder, [*INPUTS, "start", *past],
+                         ["logits", *present], extend_axes, opset)
+    proposal = export_graph(Extend(model, diagonal=True), "burst_proposal", extend_args, folder,
+                            [*INPUTS, "start", *past], ["logits"], extend_axes, opset)
+    sample = export_sample_graph(folder, cfg.vocab_size, dtype, opset)
+    return [prefill, decode, sample, score, proposal], {"opset": opset}
 
 
 @torch.no_grad()
 def verify_cases(model, cfg, bundle, batch_size: int, decode_steps: int, seed: int) -> list[VerifyCase]:
     """Random characters read in a random order per row: the prefill, decode_steps single-token steps (each fed the
-    eager caches of the step before), then one burst proposal pass and one scoring pass (decode over R tokens) on
-    the final cache. Expected outputs from the model's own KV-cache path (Model.logits with KVCache)."""
+    eager caches of the step before), then one burst proposal pass and one scoring pass on the final cache. Caches are
+    static, of block_size slots. Expected outputs from the model's own KV-cache path (Model.logits with KVCache, whose
+    buffers are the static caches)."""
     model = model.eval()
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
@@ -106,34 +140,43 @@ def verify_cases(model, cfg, bundle, batch_size: int, decode_steps: int, seed: i
     n_total = n_prompt + steps
     tokens = rng.integers(0, cfg.vocab_size, (B, n_total + R))
     order = np.stack([rng.permutation(cfg.block_size + 1) for _ in range(B)])
+    names, present = cache_names(cfg.n_layer), cache_names(cfg.n_layer, "present")
+    caches = model.transformer.make_caches(B, cfg.block_size)
+    state = lambda: dict(zip(names, [t.cpu().numpy().copy() for t in [c.k for c in caches] + [c.v for c in caches]]))
+    after = lambda: dict(zip(present, state().values()))
 
-    def feeds(tok, start, end):  # tokens at generation steps [start, end) with their two positions
-        return {"tokens": tok, "here": order[:, start:end], "following": order[:, start + 1:end + 1]}
+    def logits(tok, start, end, first, mask=None):  # tokens at generation steps [start, end) written at slot first
+        t = [torch.from_numpy(x).to(device) for x in (tok, order[:, start:end], order[:, start + 1:end + 1])]
+        return model.logits(*t, caches, first, mask).cpu().numpy()
 
-    def logits(f, start, mask=None):
-        t = {k: torch.from_numpy(v).to(device) for k, v in f.items()}
-        return model.logits(t["tokens"], t["here"], t["following"], caches, start, mask)
-
-    caches = model.transformer.make_caches(B, n_total + R)
-    f = feeds(tokens[:, :n_prompt], 0, n_prompt)
-    out = logits(f, 0)[:, -1].cpu().numpy()
-    k, v = cache_arrays(caches, n_prompt)
-    cases = [VerifyCase("prefill", "prefill", f, {"logits": out, "present_k": k, "present_v": v})]
+    before = state()
+    out = logits(tokens[:, :n_prompt], 0, n_prompt, 0)[:, -1]
+    cases = [VerifyCase("prefill", "prefill", {"tokens": tokens[:, :n_prompt], "here": order[:, :n_prompt],
+                                               "following": order[:, 1:n_prompt + 1], "rows": np.arange(B),
+                                               **before}, {"logits": out, **after()})]
     for i in range(steps):
         n = n_prompt + i
-        f = dict(feeds(tokens[:, n:n + 1], n, n + 1), past_k=k, past_v=v)
-        out = logits(f, n).cpu().numpy()
-        k, v = cache_arrays(caches, n + 1)
-        cases.append(VerifyCase("decode", f"decode {i}", f, {"logits": out, "present_k": k, "present_v": v}))
+        before = state()
+        out = logits(tokens[:, n:n + 1], n, n + 1, n)[:, -1]
+        cases.append(VerifyCase("decode", f"decode {i}", {"seq": tokens, "pos": np.full(B, n, dtype=np.int64),
+                                                          "orders": order[:, :tokens.shape[1]], **before},
+                                {"logits": out, **after()}))
     # the burst passes on the final cache: the last token queried for R positions, then R proposals in one order
     n = n_total
-    f = {"tokens": np.repeat(tokens[:, n:n + 1], R, 1), "here": np.repeat(order[:, n:n + 1], R, 1),
-         "following": order[:, n + 1:n + 1 + R], "past_k": k, "past_v": v}
+    start = np.full(B, n, dtype=np.int64)
+    feeds = {"tokens": np.repeat(tokens[:, n:n + 1], R, 1), "here": np.repeat(order[:, n:n + 1], R, 1),
+             "following": order[:, n + 1:n + 1 + R], "start": start, **state()}
     mask = torch.cat([torch.ones(R, n, dtype=torch.bool), torch.eye(R, dtype=torch.bool)], 1).to(device)
-    out = logits({name: f[name] for name in INPUTS}, n, mask).cpu().numpy()
-    cases.append(VerifyCase("burst_proposal", "burst proposal", f, {"logits": out}))
-    f = dict(feeds(tokens[:, n:n + R], n, n + R), past_k=k, past_v=v)
-    out = logits({name: f[name] for name in INPUTS}, n).cpu().numpy()
-    k, v = cache_arrays(caches, n + R)
-    cases.append(VerifyCase("decode", f"score {R}", f, {"logits": out, "present_k": k, "present_v": v}))
+    t = [torch.from_numpy(feeds[k]).to(device) for k in INPUTS]
+    proposal_caches = model.transformer.make_caches(B, cfg.block_size)
+    for big, small in zip(caches, proposal_caches):
+        small.k.copy_(big.k)
+        small.v.copy_(big.v)
+    out = model.logits(*t, proposal_caches, n, mask).cpu().numpy()
+    cases.append(VerifyCase("burst_proposal", "burst proposal", feeds, {"logits": out}))
+    before = state()
+    out = logits(tokens[:, n:n + R], n, n + R, n)
+    cases.append(VerifyCase("score", f"score {R}", {"tokens": tokens[:, n:n + R], "here": order[:, n:n + R],
+                                                    "following": order[:, n + 1:n + R + 1], "start": start,
+                                                    **before}, {"logits": out, **after()}))
     return cases

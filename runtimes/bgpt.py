@@ -1,44 +1,47 @@
-"""bGPT's sampling loop over a bundle's graphs (patch_prefill, patch_decode, byte_step; see exporters/bgpt.py).
+"""bGPT's sampling loop over a bundle's graphs (patch_prefill, byte_patch(_greedy), patch_decode; see
+exporters/bgpt.py).
 
-The same loop as bytedeploy.models.bgpt.generate_cached, step for step: the prompt's whole patches go through
-patch_prefill, each new patch is sampled byte by byte with byte_step (its first call reads the patch feature and
-the prompt's forced tail bytes), and the finished patch goes through patch_decode. Caches and features stay runner
-values; only the logits come to the host, where the shared sampler draws with the same seeded CPU generator.
+The same loop as bytedeploy.models.bgpt.generate_cached, patch for patch: the prompt's whole patches go through
+patch_prefill into the patch decoder's static caches, each new patch is one byte_patch call (its 16 byte steps, the
+prompt's forced tail bytes in front of the first patch, the sampling inside the graph), and the patch goes through
+patch_decode. Caches, feature and patch stay on the runner's device (PatchSteps, bound once per batch size; CUDA
+graphs on ort-cuda); the host reads each patch once (its 256 ends the row) and, when sampling, writes the patch's
+uniforms, drawn from np.random.default_rng(seed).
 
 On the trt backend, a bundle exported with --patch-decode plugin has the patch_decode_fused graph (the
-BytePatchDecode TensorRT plugin): each patch is then one call of it instead of patch_size byte_step calls, when the
-request's sampling is the one baked into the graph (greedy; the plugin draws with its own generator). ONNX Runtime
+BytePatchDecode TensorRT plugin): each patch is then one call of it instead of byte_patch's, when the request's
+sampling is the one baked into the graph (greedy; the plugin draws with its own generator). ONNX Runtime
 has no implementation of that op, so the ort backends never open the graph (their sessions are made per graph on
-first use) and keep the byte_step loop.
+first use) and keep byte_patch.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
-import torch
 
 from bytedeploy.errors import UserError
-from bytedeploy.exporters.bgpt import FUSED
-from bytedeploy.generation import GenerateRequest, GenerateResult
-from bytedeploy.models.bgpt import SPECIAL, UNIT, patches_to_bytes, plan_generation
-from bytedeploy.sampling import SamplingConfig, make_generator, sample
+from bytedeploy.families.bgpt import FUSED, N_SYMBOLS, SPECIAL, UNIT, patches_to_bytes, plan_generation
+from bytedeploy.generation import GenerateRequest, GenerateResult, map_steps, stepwise
+from bytedeploy.runtimes.windowed import cache_shapes, sampling_arrays, workspace
+from bytedeploy.sampling import SamplingConfig
 
 
+@stepwise
 def generate(bundle, runner, request: GenerateRequest) -> GenerateResult:
     cfg = bundle.family_config()
     if cfg.task != "generate":
         raise UserError("this bundle holds a bGPT classifier; it cannot generate")
     patches, tail, max_patches = plan_generation(cfg, request)
-    float_type = bundle.input_dtype("byte_step", "feature")
     fused = use_fused(bundle, runner, request.sampling)
+    trim = lambda outs: [o[:request.max_new] for o in outs] if request.max_new else outs
     t0 = time.perf_counter()
-    outs = generate_loop(cfg, runner, float_type, patches, tail, max_patches, request.sampling, request.batch_size,
-                         fused)
+    outs = yield from map_steps(generate_loop.steps(bundle, runner, patches, tail, max_patches, request.sampling,
+                                                    request.batch_size, fused), trim)
     seconds = time.perf_counter() - t0
-    if request.max_new:
-        outs = [o[:request.max_new] for o in outs]
+    outs = trim(outs)
     return GenerateResult(outs, sum(len(o) for o in outs), seconds, UNIT)
 
 
@@ -51,66 +54,108 @@ def use_fused(bundle, runner, sampling: SamplingConfig) -> bool:
     return (baked.greedy and sampling.greedy) or baked == sampling
 
 
-def generate_loop(cfg, runner, float_type: np.dtype, prompt: np.ndarray, tail: np.ndarray, max_patches: int,
-                  sampling: SamplingConfig, batch_size: int, fused: bool = False) -> list[bytes]:
-    """generate_cached's loop; float_type is the graphs' (float32 or float16), for the empty inputs; fused: each
-    patch from one patch_decode_fused call."""
-    gen = make_generator(sampling.seed, "cpu")
-    B, n0 = batch_size, len(prompt)
-    x = np.ascontiguousarray(np.broadcast_to(prompt[None], (B, n0, cfg.patch_size)))
-    out = runner.run("patch_prefill", {"patches": x, "positions": np.arange(n0, dtype=np.int64)})
-    feature, past = out["feature"], (out["present_k"], out["present_v"])
-    forced = np.ascontiguousarray(np.broadcast_to(tail[None], (B, len(tail))))
+class PatchSteps:
+    """bGPT's state on the device for batch_size rows, and its calls bound to it: byte_patch(_greedy) reads feature,
+    forced and n_forced and writes patch; patch_decode[p] reads patch and pos[p] and writes feature and pos[1 - p]."""
+
+    def __init__(self, bundle, runner, batch_size: int):
+        cfg = bundle.family_config()
+        B, P = batch_size, cfg.patch_size
+        self.runner, self.parity = runner, 0
+        self.caches = {name: runner.zeros(shape, dtype) for name, shape, dtype in
+                       cache_shapes(bundle, "patch_decode", B, cfg.n_patches)}
+        self.present = {name.replace("past", "present"): value for name, value in self.caches.items()}
+        self.feature = runner.zeros((B, cfg.n_embd), bundle.input_dtype("byte_patch_greedy", "feature"))
+        self.patch = runner.zeros((B, P), np.int64)
+        self.logits = runner.zeros((B, P, N_SYMBOLS), bundle.input_dtype("byte_patch_greedy", "feature"))
+        self.forced, self.n_forced = runner.zeros((B, P), np.int64), runner.zeros((B,), np.int64)
+        self.pos = [runner.zeros((B,), np.int64), runner.zeros((B,), np.int64)]
+        self.u = runner.zeros((B, P), np.float32)
+        self.settings = {name: runner.value(a) for name, a in sampling_arrays([SamplingConfig()] * B).items()}
+        self.byte_feeds = {"feature": self.feature, "forced": self.forced, "n_forced": self.n_forced}
+        self.byte_out = {"patch": self.patch, "logits": self.logits}
+        self.byte_greedy = runner.bind("byte_patch_greedy", self.byte_feeds, self.byte_out, capture=True)
+        self.decode = [runner.bind("patch_decode", {"patch": self.patch, "pos": self.pos[p], **self.caches},
+                                   {"feature": self.feature, "pos_out": self.pos[1 - p], **self.present},
+                                   capture=True) for p in (0, 1)]
+
+    @functools.cached_property
+    def byte_sampled(self):
+        """byte_patch's bound call, made on the first sampled patch (a greedy loop never loads the graph)."""
+        return self.runner.bind("byte_patch", {**self.byte_feeds, "u": self.u, **self.settings}, self.byte_out,
+                                capture=True)
+
+    def prefill(self, patches: np.ndarray, rows: np.ndarray) -> None:
+        """patch_prefill of prompts (b, N, P) into cache rows `rows`, their features into those rows of feature."""
+        self.runner.run("patch_prefill", {"patches": patches, "rows": rows, "feature": self.feature, **self.caches},
+                        {"feature_out": self.feature, **self.present})
+
+    def set_sampling(self, samplings: list[SamplingConfig]) -> None:
+        for name, a in sampling_arrays(samplings).items():
+            self.runner.write(self.settings[name], a)
+
+    def bytes(self, u: np.ndarray | None) -> np.ndarray:
+        """One patch for every row (byte_patch_greedy, or byte_patch with the uniforms u (B, P)) -> (B, P) on the
+        host."""
+        if u is None:
+            self.byte_greedy()
+        else:
+            self.runner.write(self.u, u)
+            self.byte_sampled()
+        return np.asarray(self.runner.to_numpy(self.patch))
+
+    def decode_patch(self) -> None:
+        self.decode[self.parity]()
+        self.parity = 1 - self.parity
+
+
+def patch_steps(bundle, runner, batch_size: int) -> PatchSteps:
+    return workspace(runner, ("patches", batch_size), lambda: PatchSteps(bundle, runner, batch_size))
+
+
+@stepwise
+def generate_loop(bundle, runner, prompt: np.ndarray, tail: np.ndarray, max_patches: int, sampling: SamplingConfig,
+                  batch_size: int, fused: bool = False) -> list[bytes]:
+    """generate_cached's loop; fused: each patch from one patch_decode_fused call. Stepwise: one patch per step."""
+    cfg = bundle.family_config()
+    rng = np.random.default_rng(sampling.seed)
+    B, n0, P = batch_size, len(prompt), cfg.patch_size
+    state = patch_steps(bundle, runner, B)
+    state.prefill(np.ascontiguousarray(np.broadcast_to(prompt[None], (B, n0, P))), np.arange(B))
+    if not sampling.greedy:
+        state.set_sampling([sampling] * B)
+    k = len(tail)
+    forced = np.zeros((B, P), dtype=np.int64)
+    forced[:, :k] = tail
+    runner.write(state.forced, forced)
+    runner.write(state.n_forced, np.full(B, k, dtype=np.int64))
+    runner.write(state.pos[state.parity], np.full(B, n0, dtype=np.int64))
     done = np.zeros(B, dtype=bool)
     pos, rows = n0, []
     for _ in range(max_patches):
         if fused:
-            patch = fused_patch(cfg, runner, feature, forced)
+            patch = fused_patch(runner, state, forced, k)
         else:
-            patch = generate_patch(cfg, runner, float_type, feature, forced, sampling, gen)
+            patch = state.bytes(None if sampling.greedy else rng.random((B, P)).astype(np.float32))
         patch[done] = SPECIAL
-        rows.append(patch[:, forced.shape[1]:])
+        rows.append(patch[:, k:])
         done |= (patch == SPECIAL).any(-1)
         if done.all() or pos + 1 >= cfg.n_patches:
             break
-        out = runner.run("patch_decode", {"patch": patch[:, None], "positions": np.array([pos], dtype=np.int64),
-                                          "past_k": past[0], "past_v": past[1]})
-        feature, past = out["feature"], (out["present_k"], out["present_v"])
+        yield lambda: [patches_to_bytes(r) for r in np.concatenate(rows, 1)]
+        state.decode_patch()
         pos += 1
-        forced = forced[:, :0]
+        if k:  # only the first patch has forced bytes
+            k = 0
+            runner.write(state.n_forced, np.zeros(B, dtype=np.int64))
     return [patches_to_bytes(r) for r in np.concatenate(rows, 1)]
 
 
-def fused_patch(cfg, runner, feature, forced: np.ndarray) -> np.ndarray:
-    """One patch for every row from one patch_decode_fused call: feature (B, 1, C) as patch_prefill / patch_decode
-    return it, forced (B, k) -> (B, P) int64 with the forced bytes in front."""
-    B, k = forced.shape
-    padded = np.zeros((B, cfg.patch_size), dtype=np.int32)
-    padded[:, :k] = forced
-    out = runner.run(FUSED, {"feature": feature[:, 0], "forced": padded, "n_forced": np.array([k], dtype=np.int32)})
-    return runner.to_numpy(out["patch"]).astype(np.int64)
-
-
-def generate_patch(cfg, runner, float_type: np.dtype, feature, forced: np.ndarray, sampling: SamplingConfig,
-                   gen: torch.Generator) -> np.ndarray:
-    """One patch for every row (generate_patch of the eager loop): byte_step over [feature, forced bytes] with an
-    empty past, then one sampled byte per call. Rows that emitted 256 keep emitting 256."""
-    P, (B, k) = cfg.patch_size, forced.shape
-    head_dim = cfg.n_embd // cfg.byte_n_head
-    empty = np.zeros((cfg.byte_n_layer, B, cfg.byte_n_head, 0, head_dim), dtype=float_type)
-    no_feature = np.zeros((B, 0, cfg.n_embd), dtype=float_type)
-    out = runner.run("byte_step", {"feature": feature, "bytes": forced, "positions": np.arange(1 + k, dtype=np.int64),
-                                   "past_k": empty, "past_v": empty})
-    seen = (forced == SPECIAL).any(-1)
-    tokens = [forced]
-    for i in range(k, P):
-        logits = torch.from_numpy(runner.to_numpy(out["logits"]))
-        token = sample(logits, sampling, gen).numpy().astype(np.int64)
-        token = np.where(seen, SPECIAL, token)
-        seen = seen | (token == SPECIAL)
-        tokens.append(token[:, None])
-        if i + 1 < P:
-            out = runner.run("byte_step", {"feature": no_feature, "bytes": token[:, None],
-                                           "positions": np.array([i + 1], dtype=np.int64),
-                                           "past_k": out["present_k"], "past_v": out["present_v"]})
-    return np.concatenate(tokens, 1)
+def fused_patch(runner, state: PatchSteps, forced: np.ndarray, k: int) -> np.ndarray:
+    """One patch for every row from one patch_decode_fused call (its first k bytes forced) -> (B, P) int64, also
+    written into state.patch for patch_decode."""
+    out = runner.run(FUSED, {"feature": state.feature, "forced": forced.astype(np.int32),
+                             "n_forced": np.array([k], dtype=np.int32)})
+    patch = runner.to_numpy(out["patch"]).astype(np.int64)
+    runner.write(state.patch, patch)
+    return patch

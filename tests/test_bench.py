@@ -90,4 +90,4 @@ def test_bundle_rows_make_their_sessions_once_in_the_warm_up(tiny_bgpt, tmp_path
     assert result.exit_code == 0, result.output
     rows = [r for r in json.loads(out.read_text())["rows"] if r["backend"] == "ort"]
     assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["matches_eager"] for r in rows)
-    assert len(made) == 3  # patch_prefill, patch_decode, byte_step: once for the whole run
+    assert len(made) == 3  # patch_prefill, patch_decode, byte_patch_greedy: once for the whole run

@@ -87,12 +87,13 @@ def test_both_modes_pass_the_full_onnx_check(bundles):
     assert (plugin.bitlinear, plugin.opset) == ("plugin", 18)
     n_bitlinear = 7 * cfg.n_layer
     for bundle in out.values():
+        caches = [f"past_{kv}.{i}" for kv in "kv" for i in range(cfg.n_layer)]
         for name in ("prefill", "decode"):
             path = bundle.graph_path(name)
             onnx.checker.check_model(str(path), full_check=True)
             graph = onnx.load(str(path))
-            assert [i.name for i in graph.graph.input] == (["ids"] if name == "prefill" else
-                                                           ["ids", "past_k", "past_v", "start"])
+            assert [i.name for i in graph.graph.input] == (["tokens", "rows"] if name == "prefill" else
+                                                           ["seq", "pos"]) + caches
             ops = [(n.domain, n.op_type) for n in graph.graph.node]
             if bundle.bitlinear == "plugin":
                 assert bundle.graphs[name].custom_ops == ["bytedeploy::BitLinear"]
@@ -112,9 +113,9 @@ def test_both_modes_pass_the_full_onnx_check(bundles):
                 values = numpy_helper.to_array(int4[0])
                 assert set(np.unique(values).tolist()) <= {-1, 0, 1}
     spec = {t.name: t for t in plugin.graphs["decode"].inputs + plugin.graphs["decode"].outputs}
-    assert spec["past_k"].shape == [cfg.n_layer, "batch", cfg.n_head, "past", cfg.head_dim]
-    assert spec["present_k"].shape == [cfg.n_layer, "batch", cfg.n_head, "total", cfg.head_dim]
+    assert spec["past_k.0"].shape == spec["present_k.0"].shape == ["batch", cfg.n_head, "length", cfg.head_dim]
     assert spec["logits"].shape == ["batch", 256]
+    assert qdq.graphs["sample"].custom_ops == plugin.graphs["sample"].custom_ops == []
 
 
 # ----------------------------------------------------------------------------------------------- numerics
@@ -145,11 +146,12 @@ def test_bundle_equals_the_integer_reference_for_prefill_and_32_decode_steps(bun
     assert_matches_integer_reference(cases, run_cases(bundle, cases))
     # the cases' expectations are the model's own integer path (bitnet.Model.logits, the shared KVCache)
     ref = int_reference(model)
-    ids = torch.from_numpy(cases[0].feeds["ids"])
+    ids = torch.from_numpy(cases[0].feeds["tokens"])
     caches = ref.make_caches(3, 64)
     prefill = ref.logits(ids, caches, 0)[:, -1]
     torch.testing.assert_close(torch.from_numpy(cases[0].expected["logits"]), prefill, atol=1e-5, rtol=1e-5)
-    step = ref.logits(torch.from_numpy(cases[1].feeds["ids"]), caches, ids.size(1))[:, -1]
+    n = ids.size(1)
+    step = ref.logits(torch.from_numpy(cases[1].feeds["seq"][:, n:n + 1]), caches, n)[:, -1]
     torch.testing.assert_close(torch.from_numpy(cases[1].expected["logits"]), step, atol=1e-5, rtol=1e-5)
 
 
@@ -164,7 +166,7 @@ def test_verify_command_passes_on_both_modes(bundles, capsys):
 def test_fp16_bundle_runs_within_the_stated_tolerance(bundles, mode):
     model, cfg, _, out = bundles
     bundle = out[mode, "fp16"]
-    assert bundle.graphs["decode"].inputs[1].dtype == "float16"
+    assert bundle.graphs["decode"].inputs[2].dtype == "float16"
     cases = bitnet_export.verify_cases(copy.deepcopy(model).half(), cfg, bundle, 2, 8, seed=2)
     for case, got in zip(cases, run_cases(bundle, cases)):
         for name, expected in case.expected.items():
@@ -259,7 +261,7 @@ def test_tensorrt_rtx_builds_the_qdq_bundle_and_refuses_the_plugin_one(bundles, 
 
     out = bundles[3]
     metas = build_engines(out["qdq", "fp32"], tmp_path / "qdq", "fp32", 2, 32)
-    assert set(metas) == {"prefill", "decode"} and (tmp_path / "qdq" / "decode.engine").stat().st_size > 0
+    assert set(metas) == {"prefill", "decode", "sample"} and (tmp_path / "qdq" / "decode.engine").stat().st_size > 0
     with pytest.raises(UserError, match="no plugin layers"):
         build_engines(out["plugin", "fp32"], tmp_path / "plugin", "fp32", 2, 32)
 

@@ -67,12 +67,15 @@ def test_bundle_graphs_pass_the_full_onnx_check(setup):
     for precision in ("fp32", "fp16"):
         bundle = load_bundle(tmp / precision)
         assert bundle.family == "char-gpt2" and bundle.precision == precision and set(bundle.graphs) == {
-            "prefill", "decode"}
+            "prefill", "decode", "sample"}
         for name in bundle.graphs:
             onnx.checker.check_model(str(bundle.graph_path(name)), full_check=True)
         decode = bundle.graphs["decode"]
-        assert [t.name for t in decode.inputs] == ["idx", "position", "past_k", "past_v"]
-        assert decode.inputs[2].shape == [cfg.n_layer, "batch", cfg.n_head, "past", cfg.n_embd // cfg.n_head]
+        caches = [f"past_{kv}.{i}" for kv in "kv" for i in range(cfg.n_layer)]
+        assert [t.name for t in decode.inputs] == ["seq", "pos", *caches]
+        assert [t.name for t in decode.outputs] == ["logits", "seq_out", "pos_out",
+                                                    *(c.replace("past", "present") for c in caches)]
+        assert decode.inputs[2].shape == ["batch", cfg.n_head, "length", cfg.n_embd // cfg.n_head]
 
 
 def test_ort_equals_eager_for_prefill_and_32_decode_steps(setup):
@@ -81,11 +84,60 @@ def test_ort_equals_eager_for_prefill_and_32_decode_steps(setup):
     cases = verify_cases(model, cfg, bundle, batch_size=2, decode_steps=32, seed=0)
     assert [c.graph for c in cases] == ["prefill"] + ["decode"] * 32
     compare(bundle, cases, FP32)
-    # the prefill's sequence and batch axes are dynamic: one character, and a full context at batch 3
+    # the prefill's sequence and batch axes are dynamic (one character, a full context at batch 3) and it writes
+    # only the cache rows it is given: row 2 of 3 here, the other rows as they were
     runner = OrtRunner(bundle)
-    for idx in (np.array([[5]]), np.random.default_rng(1).integers(1, cfg.vocab_size, (3, cfg.block_size))):
-        expected = model.logits(torch.from_numpy(idx))[:, -1].detach().numpy()
-        np.testing.assert_allclose(runner.to_numpy(runner.run("prefill", {"idx": idx})["logits"]), expected, **FP32)
+    for idx in (np.array([[5]]), np.random.default_rng(1).integers(1, cfg.vocab_size, (2, cfg.block_size))):
+        caches = {f"past_{kv}.{i}": np.full((3, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head), 7.0,
+                                            np.float32) for kv in "kv" for i in range(cfg.n_layer)}
+        rows = np.array([2, 0][:len(idx)])
+        out = runner.run("prefill", {"tokens": idx, "rows": rows, **caches})
+        kv = model.transformer.make_caches(len(idx), cfg.block_size)
+        expected = model.logits(torch.from_numpy(idx), kv, 0)[:, -1].detach().numpy()
+        np.testing.assert_allclose(runner.to_numpy(out["logits"]), expected, **FP32)
+        present = runner.to_numpy(out["present_k.1"])
+        np.testing.assert_allclose(present[rows, :, :idx.shape[1]], kv[1].k[:, :, :idx.shape[1]].detach().numpy(),
+                                   **FP32)
+        untouched = np.setdiff1d(np.arange(3), rows)
+        assert (present[untouched] == 7).all() and (present[rows, :, idx.shape[1]:] == 7).all()
+
+
+@torch.no_grad()
+def test_decode_writes_its_caches_and_tokens_in_place(setup):
+    """A bound decode call whose present caches and seq_out are its pasts' and seq's values: after each step the
+    same values hold the new entries (nothing is copied back), and the greedy tokens are eager's."""
+    tmp, ckpt, model, cfg = setup
+    runner = OrtRunner(load_bundle(tmp / "fp32"))
+    B, n0, steps = 2, 5, 6
+    ids = np.random.default_rng(3).integers(1, cfg.vocab_size, (B, n0))
+    caches = {f"past_{kv}.{i}": runner.zeros((B, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head), np.float32)
+              for kv in "kv" for i in range(cfg.n_layer)}
+    present = {name.replace("past", "present"): value for name, value in caches.items()}
+    seq = runner.zeros((B, n0 + steps + 1), np.int64)
+    seq_host = np.zeros((B, n0 + steps + 1), dtype=np.int64)
+    seq_host[:, :n0] = ids
+    runner.write(seq, seq_host)
+    runner.run("prefill", {"tokens": ids[:, :n0 - 1], "rows": np.arange(B), **caches}, present)
+    pos = [runner.value(np.full(B, n0 - 1)), runner.zeros((B,), np.int64)]
+    logits = runner.zeros((B, cfg.vocab_size), np.float32)
+    steps_bound = [runner.bind("decode", {"seq": seq, "pos": pos[p], **caches},
+                               {"logits": logits, "seq_out": seq, "pos_out": pos[1 - p], **present}) for p in (0, 1)]
+    addresses = [v.data_ptr() for v in caches.values()]
+    for i in range(steps):
+        steps_bound[i % 2]()
+    assert [v.data_ptr() for v in caches.values()] == addresses
+    kv = model.transformer.make_caches(B, cfg.block_size)
+    tokens = torch.from_numpy(ids)
+    logits_eager = model.logits(tokens, kv, 0)[:, -1]
+    for _ in range(steps):
+        nxt = char_gpt2.mask_unknown(logits_eager, 0).argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, nxt], 1)
+        logits_eager = model.logits(nxt, kv, tokens.size(1) - 1)[:, -1]
+    got = runner.to_numpy(seq)
+    np.testing.assert_array_equal(got[:, :n0 + steps], tokens.numpy()[:, :n0 + steps])
+    np.testing.assert_array_equal(runner.to_numpy(pos[steps % 2]), np.full(B, n0 - 1 + steps))
+    n = n0 - 1 + steps  # slots written: the prompt's n0 - 1, then one per step
+    np.testing.assert_allclose(runner.to_numpy(caches["past_k.0"])[:, :, :n], kv[0].k[:, :, :n].numpy(), **FP32)
 
 
 def test_greedy_generation_through_ort_is_eager_past_the_context(setup):
@@ -116,6 +168,7 @@ def test_fp16_bundle_is_close_to_eager_fp32(setup):
     tmp, ckpt, model, cfg = setup
     bundle = load_bundle(tmp / "fp16")
     assert bundle.graphs["decode"].inputs[2].dtype == "float16"
+    assert bundle.graphs["sample"].inputs[0].dtype == "float16"
     compare(bundle, verify_cases(model, cfg, bundle, 2, 32, seed=0), FP16, feed_dtype=np.float16)
     result = generate_on(bundle, GenerateRequest(b"def ", 80, 2, GREEDY, {}), "ort")
     assert all(len(o.decode()) == 80 and set(o.decode()) <= set(TEXT) for o in result.outputs)

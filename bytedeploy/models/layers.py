@@ -6,6 +6,7 @@ our projections are ``nn.Linear`` (out, in), theirs ``Conv1D`` (in, out).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,10 @@ class CausalSelfAttention(nn.Module):
             else:
                 attn_mask = causal_mask(T, n_key, x.device)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+        # the default scale, as a constant: an exported graph would otherwise compute it from q's shape (host values
+        # on the device, which keeps ONNX Runtime from capturing the step in a CUDA graph)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal,
+                                           scale=1.0 / math.sqrt(C // self.n_head))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
