@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bytedeploy.errors import UserError
+from bytedeploy.families.bitnet import FP_MODE
 from bytedeploy.generation import GenerateRequest, GenerateResult
 from bytedeploy.models import bitnet
 from bytedeploy.models.bitlinear import BitLinear, fake_quantize_activations, fake_quantize_weights
@@ -42,6 +43,9 @@ class Linears:
         self.note = "fp fake quantization, weights quantized once"
         kernel, why = (None, "fp asked for") if route == "fp" else load_kernel()
         layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+        if any(m.mode == FP_MODE for m in layers):
+            raise UserError("this BitNet is the full-precision twin (mode=fp), a training baseline: the native "
+                            "runtime runs BitLinear models; use --backend eager")
         if kernel is not None:
             try:
                 self.weights = {id(m): m.export_int() for m in layers}

@@ -37,11 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODES = ("b1.58", "b1")
-ACT_QMAX = 127.0
-EPS = 1e-5  # clamp of the absmax / absmean scales (the reference code's)
+from bytedeploy.families.bitnet import ACT_QMAX, EPS, FP_MODE, MODES, PACK_SHIFTS
+
 NORM_EPS = 1e-6
-PACK_SHIFTS = (0, 2, 4, 6)  # value i of a group of 4 lives in bits 2i..2i+1
 
 
 class RMSNorm(nn.Module):
@@ -165,13 +163,14 @@ class IntWeights(NamedTuple):
 
 
 class BitLinear(nn.Module):
-    """A drop-in nn.Linear replacement: RMSNorm, 8-bit activations, ternary (b1.58) or binary (b1) weights."""
+    """A drop-in nn.Linear replacement: RMSNorm, 8-bit activations, ternary (b1.58) or binary (b1) weights.
+    mode "fp" is the full-precision twin: the RMSNorm, then a plain linear layer (no quantizer, no integer path)."""
 
     def __init__(self, in_features: int, out_features: int, mode: str = "b1.58", bias: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"BitLinear mode must be one of {MODES}, got {mode!r}")
+        if mode not in (*MODES, FP_MODE):
+            raise ValueError(f"BitLinear mode must be one of {(*MODES, FP_MODE)}, got {mode!r}")
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
         self.inference_int = False  # eval mode: run the integer path instead of fake quantization
         self.norm = RMSNorm(in_features)
@@ -187,6 +186,8 @@ class BitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_normed = self.norm(x)
+        if self.mode == FP_MODE:
+            return F.linear(x_normed.to(self.weight.dtype), self.weight, self.bias)
         if self.inference_int and not self.training:
             packed, scale, _ = self.export_int()
             y = bitlinear_int(x_normed, packed, scale, self.in_features).to(x.dtype)

@@ -10,7 +10,9 @@ A block is x + Attention(x), then x + SwiGLU(x), no biases anywhere:
 Every BitLinear normalizes its own input with an RMSNorm (learned gain), so the LLaMA block's pre-attention and
 pre-FFN RMSNorms are not repeated outside: q/k/v's and w1/w3's norms play their part, and wo's and w2's norms are
 b1.58-2B4T's attention and FFN "sub-norms" (SubLN). mode = "b1.58" (ternary weights, the default) or "b1" (binary
-weights, sign(W - mean W), the first BitNet paper, whose blocks were otherwise GPT-like: we keep the LLaMA block).
+weights, sign(W - mean W), the first BitNet paper, whose blocks were otherwise GPT-like: we keep the LLaMA block),
+or "fp", the full-precision twin that the papers compare against: the same blocks and norms with plain linear
+layers (BitLinear without its quantizers), a training baseline that export and the native runtime refuse.
 Rotary embeddings use the rotate-half layout (first and second halves of each head rotate together, as Hugging
 Face LLaMA), theta = rope_theta, positions start..start+T-1.
 
@@ -36,8 +38,8 @@ activations per token, straight-through estimators, and LLaMA-like blocks (RMSNo
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,52 +49,17 @@ import torch.nn.functional as F
 from bytedeploy.data.files import FileRecord, load_records, split_records
 from bytedeploy.data.text import TokenWindows
 from bytedeploy.errors import UserError
-from bytedeploy.generation import GenerateRequest, GenerateResult
+from bytedeploy.families.bitnet import DEFAULT_MAX_NEW, EMPTY_PROMPT, UNIT, Config
+from bytedeploy.families.bitnet import PRESETS as PRESETS  # the registry's family interface (registry.py)
+from bytedeploy.generation import GenerateRequest, GenerateResult, map_steps, stepwise
 from bytedeploy.kv_cache import KVCache
-from bytedeploy.models.bitlinear import MODES, BitLinear, RMSNorm, set_inference_int
+from bytedeploy.models.bitlinear import BitLinear, RMSNorm, set_inference_int
 from bytedeploy.models.layers import causal_mask
-from bytedeploy.sampling import SamplingConfig, make_generator, sample, sample_host
+from bytedeploy.models.sampling import make_generator, sample
+from bytedeploy.sampling import SamplingConfig, sample_host
 
 BACKENDS = ("eager-reference", "eager")
-UNIT = "byte"
 LOSS_IS_NLL = True
-DEFAULT_MAX_NEW = 256
-EMPTY_PROMPT = b"\n"
-
-
-@dataclass
-class Config:
-    vocab_size: int = 256  # bytes
-    block_size: int = 512  # context length
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    ffn_hidden: int = 1024  # SwiGLU width (about 8/3 n_embd)
-    mode: str = "b1.58"  # "b1.58" ternary weights or "b1" binary weights
-    rope_theta: float = 10000.0
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        if self.vocab_size != 256:
-            raise ValueError(f"BitNet here models bytes: vocab_size must be 256, got {self.vocab_size}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"n_embd {self.n_embd} must divide by n_head {self.n_head} into an even head size")
-        if self.block_size < 1 or self.ffn_hidden < 1:
-            raise ValueError("block_size and ffn_hidden must be >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-
-PRESETS = {
-    "tiny": dict(block_size=128, n_layer=2, n_head=4, n_embd=128, ffn_hidden=352),
-    "small": dict(block_size=512, n_layer=6, n_head=6, n_embd=384, ffn_hidden=1024),
-}
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -123,22 +90,23 @@ class Attention(nn.Module):
         self.wo = BitLinear(C, C, cfg.mode)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
-        """x (B, T, C) at positions start..start+T-1; with a cache, attention spans positions 0..start+T-1."""
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0, attn_mask=None):
+        """x (B, T, C) at positions start..start+T-1; with a cache, attention spans positions 0..start+T-1. attn_mask
+        (additive or True = may attend) overrides the causal default (exported graphs with per-row positions)."""
         B, T, C = x.shape
         q, k, v = (w(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)
-        mask, is_causal = None, False
-        if T > 1:
+        mask, is_causal = attn_mask, False
+        if T > 1 and attn_mask is None:
             if k.size(2) == T:
                 is_causal = True
             else:
                 mask = causal_mask(T, k.size(2), x.device)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=p,
-                                           is_causal=is_causal)
+                                           is_causal=is_causal, scale=1.0 / math.sqrt(C // self.n_head))  # constant
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -160,8 +128,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, cache=None, start=0):
-        x = x + self.attn(x, cos, sin, cache, start)
+    def forward(self, x, cos, sin, cache=None, start=0, attn_mask=None):
+        x = x + self.attn(x, cos, sin, cache, start, attn_mask)
         return x + self.ffn(x)
 
 
@@ -254,6 +222,7 @@ def make_data(cfg: Config, spec: str, options: dict) -> TokenWindows:
 # ----------------------------------------------------------------------------------------------- generation
 
 
+@stepwise
 def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str = "eager") -> GenerateResult:
     if backend not in BACKENDS:
         raise UserError(f"bitnet has no backend {backend!r} here; choose from {', '.join(BACKENDS)}")
@@ -266,7 +235,8 @@ def generate(model: Model, cfg: Config, request: GenerateRequest, backend: str =
         rng = np.random.default_rng(request.sampling.seed)
         rows = [generate_reference(model, ids, max_new, request.sampling, rng) for _ in range(request.batch_size)]
     else:
-        rows = generate_cached(model, ids, max_new, request.sampling, request.batch_size).tolist()
+        steps = generate_cached.steps(model, ids, max_new, request.sampling, request.batch_size)
+        rows = (yield from map_steps(steps, lambda rows: [bytes(row) for row in rows.tolist()])).tolist()
     sync(device)
     seconds = time.perf_counter() - t0
     return GenerateResult([bytes(row) for row in rows], sum(len(r) for r in rows), seconds, UNIT)
@@ -292,12 +262,13 @@ def generate_reference(model: Model, ids: list[int], max_new: int, sampling: Sam
     return ids[n_prompt:]
 
 
+@stepwise
 @torch.no_grad()
 def generate_cached(model: Model, ids: list[int], max_new: int, sampling: SamplingConfig,
                     batch_size: int = 1) -> torch.Tensor:
     """Our loop: KV-cache prefill and one cached step per byte while the context has room, then a re-prefill of
     the sliding window per byte; sampling on the device; one host transfer at the end (by the caller).
-    -> new bytes (batch_size, max_new) on the model's device."""
+    -> new bytes (batch_size, max_new) on the model's device. Stepwise: a byte per step."""
     device = next(model.parameters()).device
     T = model.cfg.block_size
     gen = make_generator(sampling.seed, device)
@@ -313,6 +284,7 @@ def generate_cached(model: Model, ids: list[int], max_new: int, sampling: Sampli
         n += 1
         if i + 1 == max_new:
             break
+        yield lambda n=n: seq[:, n0:n]
         if n <= T:
             logits = model.logits(seq[:, n - 1:n], caches, n - 1)[:, -1]
         else:  # the window slid: every cached key belongs to a context that lost its first byte
