@@ -8,11 +8,16 @@ One optimizer step minimises the mean loss per target over all its micro-batches
 mean loss is weighted by its number of targets, so grad_accum=2 x batch 4 gives the gradient of batch 8 even when
 the micro-batches hold different numbers of targets (plain loss / grad_accum would not).
 
-Exact resume: the batch of step s is drawn from a numpy RNG seeded by (seed, s, micro-step, rank); the torch RNG
-(dropout, patch sampling, diffusion times) of every rank is checkpointed as it stands after the last completed step;
-eval seeds a saved-and-restored torch RNG per batch, so it never moves the training RNG and gives the same number
-on any number of ranks. Ctrl-C saves a checkpoint of the last completed step (it is held back while an update is
-applied, so weights, step and RNG always agree), and a resumed run replays the remaining steps bit for bit.
+Exact resume: the rows of step s (batch_size x grad_accum x ranks) are drawn from a numpy RNG seeded by (seed, s);
+every rank draws them all and trains on its own slice of each micro-batch, so a step trains on the same rows on any
+number of ranks and any split into micro-batches. The torch RNG (dropout, patch sampling, diffusion times) of every
+rank is checkpointed as it stands after the last completed step; eval seeds a saved-and-restored torch RNG per
+batch, so it never moves the training RNG and gives the same number on any number of ranks. Ctrl-C saves a
+checkpoint of the last completed step (it is held back while an update is applied, so weights, step and RNG always
+agree), and a resumed run replays the remaining steps bit for bit. A run resumed on another number of ranks keeps
+its rows per step (split_for_world shares them out again) and so its data and optimizer state; it then matches the
+uninterrupted run up to the order of floating-point sums, provided the model draws no random numbers in training
+(dropout 0, no patch sampling: each rank's random numbers are its own).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +221,38 @@ def interrupts_held():
             signal.raise_signal(signal.SIGINT)
 
 
+def draw_step_batch(data, cfg: TrainConfig, step: int, world_size: int) -> dict[str, torch.Tensor]:
+    """All the rows of step `step`, over every micro-step and rank: batch_size x grad_accum x world_size rows from a
+    numpy RNG seeded by (seed, step) alone. Every rank draws all of them and trains on its own slices (micro_batch):
+    drawing only a rank's rows would tie the data to the number of ranks and the split into micro-batches, and a run
+    could neither be compared with nor resumed on another number of GPUs."""
+    rng = np.random.default_rng([cfg.seed, step])
+    return data.train_batch(rng, cfg.batch_size * cfg.grad_accum * world_size)
+
+
+def micro_batch(step_batch: dict[str, torch.Tensor], micro: int, cfg: TrainConfig,
+                dist_info: DistInfo) -> dict[str, torch.Tensor]:
+    """This rank's batch_size rows of micro-step `micro`."""
+    start = (micro * dist_info.world_size + dist_info.rank) * cfg.batch_size
+    return {k: v[start:start + cfg.batch_size] for k, v in step_batch.items()}
+
+
+def split_for_world(cfg: TrainConfig, saved_world: int, world: int) -> TrainConfig:
+    """The training config of a run saved on saved_world ranks and resumed on world: the same rows per step
+    (batch_size x grad_accum x ranks), at most batch_size of them per rank and micro-step (the memory the run had),
+    in as few micro-steps as that allows."""
+    if saved_world == world:
+        return cfg
+    rows = cfg.batch_size * cfg.grad_accum * saved_world
+    if rows % world:
+        raise UserError(f"the run's steps of {rows} rows ({cfg.batch_size} x {cfg.grad_accum} micro-batches on "
+                        f"{saved_world} ranks) do not split evenly over {world} ranks; resume it on a number of ranks "
+                        f"that divides {rows}")
+    per_rank = rows // world
+    batch_size = max(b for b in range(1, min(cfg.batch_size, per_rank) + 1) if per_rank % b == 0)
+    return replace(cfg, batch_size=batch_size, grad_accum=per_rank // batch_size)
+
+
 def forward_backward(train_model: torch.nn.Module, data, cfg: TrainConfig, step: int, device: torch.device,
                      dist_info: DistInfo) -> tuple[float, int]:
     """Run the micro-batches of one step and backpropagate sum(mean loss x targets) over them.
@@ -223,9 +260,9 @@ def forward_backward(train_model: torch.nn.Module, data, cfg: TrainConfig, step:
     Leaves the gradient of the summed loss (averaged over ranks by DDP) in .grad; the caller divides by the
     number of targets. -> (summed loss, targets) on this rank."""
     loss_sum, n_targets = 0.0, 0
+    step_batch = draw_step_batch(data, cfg, step, dist_info.world_size)
     for micro in range(cfg.grad_accum):
-        rng = np.random.default_rng([cfg.seed, step, micro, dist_info.rank])
-        batch = {k: v.to(device, non_blocking=True) for k, v in data.train_batch(rng, cfg.batch_size).items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in micro_batch(step_batch, micro, cfg, dist_info).items()}
         last = micro == cfg.grad_accum - 1
         with train_model.no_sync() if (dist_info.world_size > 1 and not last) else nullcontext():
             with autocast_for(device, cfg.precision):
@@ -252,6 +289,12 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | Path, *
     history: dict[str, list] = {"loss": [], "eval": [], "lr": [], "targets_per_s": []}
     step = 0
     if resume_state is not None:
+        saved_world = int(resume_state.get("world_size", dist_info.world_size))
+        cfg = split_for_world(cfg, saved_world, dist_info.world_size)
+        if saved_world != dist_info.world_size and dist_info.is_main:
+            log(f"resuming a run of {saved_world} ranks on {dist_info.world_size}: its steps of "
+                f"{cfg.batch_size * cfg.grad_accum * dist_info.world_size} rows as {cfg.grad_accum} micro-batches "
+                f"of {cfg.batch_size} rows per rank")
         step = int(resume_state["step"])
         if step >= cfg.steps:
             raise UserError(f"the run in {out_dir} already reached step {step} of {cfg.steps}; "
@@ -265,7 +308,7 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | Path, *
         rngs = resume_state["rng"]
         if dist_info.rank < len(rngs):
             set_rng_state(rngs[dist_info.rank], device)
-        else:  # more ranks than saved states (an interrupt under torchrun saves rank 0's only): not an exact replay
+        else:  # a rank the run did not have, or an interrupt under torchrun (it saves rank 0's RNG only)
             torch.manual_seed(seed_for(cfg.seed, dist_info.rank, step))
     else:
         torch.manual_seed(seed_for(cfg.seed, dist_info.rank, 0))  # ranks draw different dropout masks
@@ -285,7 +328,8 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | Path, *
             rngs = [None] * dist_info.world_size
             dist.all_gather_object(rngs, rng)
         if dist_info.is_main:
-            state = {"optimizer": optimizer.state_dict(), "step": at_step, "rng": rngs, "history": history}
+            state = {"optimizer": optimizer.state_dict(), "step": at_step, "rng": rngs, "history": history,
+                     "world_size": dist_info.world_size}
             run_meta = dict(meta or {}, step=at_step, train_config=config_to_dict(cfg), history=history,
                             world_size=dist_info.world_size)
             save_checkpoint(out_dir, model, family, model_config, run_meta, train_state=state, assets=assets)
