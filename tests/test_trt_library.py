@@ -22,6 +22,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from test_patch_decode_plugin import tiny_bgpt
 
 from bytedeploy.checkpoint import save_checkpoint
 from bytedeploy.cli import cli
@@ -85,16 +86,6 @@ def bitlinear_node(tmp_path_factory):
     torch.manual_seed(0)
     ckpt = save_checkpoint(root / "ckpt", bitnet.Model(cfg), "bitnet", cfg)
     return exported_node(ckpt, root / "bundle", ["--bitlinear", "plugin"], "prefill", "BitLinear")
-
-
-def tiny_bgpt() -> bgpt.Model:
-    """An untrained tiny bGPT with weights from N(0, 0.3): peaked byte distributions, no greedy near-ties."""
-    torch.manual_seed(0)
-    model = bgpt.Model(bgpt.Config(**bgpt.PRESETS["tiny"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
