@@ -8,7 +8,9 @@ For each family, in a process of its own: a checkpoint of its benchmark preset a
 bundles exported from it for the ONNX Runtime rows, then one `bytedeploy bench` run over eager-reference, eager,
 native (and burst for sigma-GPT, native+compile for bGPT, ort-cuda when onnxruntime-gpu is importable) at batch 1 and
 64, greedy, prompt 'import os\\n', the median of 3 timed calls. Every speed-up is against eager-reference measured in
-the same run. Writes one JSON with every family's result and a PNG per family beside it (<out>-<family>.png).
+the same run; every row has its share of the step's bound (result["bound"], bytedeploy/bounds.py), and native at
+batch 1 a torch.profiler view of its step (row["profile"], bench --profile). Writes one JSON with every family's
+result and a PNG per family beside it (<out>-<family>.png).
 
 --ort-cuda (issue 19): every family's checkpoint and its fp32 and fp16 bundles are made first, in parallel (one
 process each); then, per dtype (float32, float16) and family, one bench run of eager, native and ort-cuda
@@ -107,12 +109,12 @@ def bench_family(family: str, root: Path, batch_sizes: list[int], repeats: int, 
             export(ckpt, bundle, PRECISIONS.get(dtype, "fp32"))
             print(f"{family}: exported {bundle} in {time.perf_counter() - t0:.1f} s", flush=True)
     bc = BenchConfig(backends, batch_sizes, max_new, b"import os\n", repeats, 1, str(bundle) if bundle else None,
-                     "cuda", dtype, dict(options), SamplingConfig(temperature=0.0))
+                     "cuda", dtype, dict(options), SamplingConfig(temperature=0.0), profile=True)
     result = run_bench(str(ckpt), bc, echo=lambda line: print(f"{family}: {line}", flush=True))
     result["preset"] = preset
     result["command"] = (f"bytedeploy bench CKPT --backends {','.join(backends)} --batch-sizes "
                          f"{','.join(map(str, batch_sizes))} --max-new {max_new} --repeats {repeats} "
-                         f"--reference-max-batch 1 --dtype {dtype}"
+                         f"--reference-max-batch 1 --dtype {dtype} --profile"
                          + "".join(f" --option {k}={v}" for k, v in options.items())
                          + (" --bundle BUNDLE" if bundle else ""))
     if bundle is not None and any(r["backend"] == "ort-cuda" and r["status"] == "ok" for r in result["rows"]):

@@ -27,10 +27,14 @@ torch.compile inside the graphs), and on an exported bundle (--bundle) ort, ort-
 here is kept with status "skipped" and the reason; nothing crashes the run.
 
 Given a bundle instead of a checkpoint, the rows are the bundle backends' only, and the run imports no torch (a
-deploy install has none): no host_op_us, no peak GPU memory, no bandwidth bound.
+deploy install has none): no host_op_us, no peak GPU memory, no bound.
 
-bGPT also gets the bandwidth bound: the weight bytes one patch reads (the patch decoder once, the byte decoder and
-its LM head once per byte) divided by BANDWIDTH_BYTES_PER_S, against the measured latency_ms_per_patch.
+Every checkpoint row gets ms_per_step (a step reads the weights once: bGPT's is a patch, BFN's a denoising step,
+the others' a token or pass) and, on a GPU, the share of its bound (bytedeploy/bounds.py): the larger of the weight
+bytes per step over the copy bandwidth measured at the start of the run and the launch floor (one CUDA graph replay
+of an empty kernel), over the measured time per step. result["bound"] holds the weight bytes, the bandwidth and the
+launch floor (null on the CPU). --profile adds a torch.profiler view of the native row at batch 1 (row["profile"]:
+kernels and host time per step).
 """
 
 from __future__ import annotations
@@ -51,7 +55,6 @@ from bytedeploy.sampling import SamplingConfig
 
 CHECKPOINT_BACKENDS = ("eager-reference", "eager", "burst", "native", "native+compile")
 CHECKPOINT_DEFAULT, BUNDLE_DEFAULT = "eager-reference,eager,native", "ort"  # --backends when not given
-BANDWIDTH_BYTES_PER_S = 3.0e12  # H100 HBM3, the issue's round figure (3.35 TB/s peak on the SXM part)
 DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes of the checkpoint backends
 DEFAULT_MAX_NEW = 256  # new tokens per row unless --max-new says, or fewer where the model's context holds fewer
 
@@ -69,6 +72,7 @@ class BenchConfig:
     dtype: str = "float32"
     options: dict = field(default_factory=dict)  # family request options (ext, n_steps, order, ...)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
+    profile: bool = False  # torch.profiler view of the native row at batch 1 (bounds.profile_call)
 
     def __post_init__(self):
         unknown = [b for b in self.backends if b not in CHECKPOINT_BACKENDS + BUNDLE_BACKENDS]
@@ -156,6 +160,7 @@ def run_bundle_bench(path: str, bc: BenchConfig, echo=print) -> dict:
 def run_checkpoint_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
     import torch
 
+    from bytedeploy import bounds
     from bytedeploy.checkpoint import load_model
     from bytedeploy.registry import get_family
     from bytedeploy.training import resolve_device
@@ -172,8 +177,9 @@ def run_checkpoint_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()), "model_config": dataclasses.asdict(cfg),
         "max_new": bc.max_new, "prompt": bc.prompt.decode("utf-8", errors="replace"), "repeats": bc.repeats,
         "sampling": dataclasses.asdict(bc.sampling), "options": {k: v for k, v in bc.options.items()},
-        "bandwidth_bytes_per_s": BANDWIDTH_BYTES_PER_S, "host_op_us": [host_op_us(device)], "rows": [],
+        "host_op_us": [host_op_us(device)], "rows": [],
     }
+    machine = bounds.measure_machine(device) if device.type == "cuda" else None
     bundle, bundle_error = None, "no --bundle given (ort / ort-cuda / trt run an exported bundle)"
     if bc.bundle:
         from bytedeploy.exporters.bundle import load_bundle
@@ -188,14 +194,17 @@ def run_checkpoint_bench(checkpoint: str, bc: BenchConfig, echo=print) -> dict:
             return BundleModel(bundle, backend)
         return CheckpointModel(model, cfg, ckpt, backend)
 
+    def run_call(backend: str, request: GenerateRequest) -> GenerateResult:
+        return call(runners, lambda: open_runner(backend), backend, request)
+
     run_rows(result, bc, options,
              lambda backend, batch_size: skip_reason(fam, ckpt.family, backend, batch_size, bc, device, bundle_error),
-             lambda backend, request: call(runners, lambda: open_runner(backend), backend, request), echo,
-             cuda=device.type == "cuda")
+             run_call, echo, cuda=device.type == "cuda")
     result["host_op_us"].append(host_op_us(device))
+    if bc.profile:
+        profile_native(result, bc, options, run_call, ckpt.family, cfg)
     add_derived(result, cfg, bc, bases=("eager-reference", "eager"))
-    if ckpt.family == "bgpt":
-        add_bandwidth_bound(result, model)
+    bounds.add_bound(result, model, cfg, machine, bundle.precision if bundle else None)
     return result
 
 
@@ -213,6 +222,22 @@ def run_rows(result: dict, bc: BenchConfig, options: dict, skip_reason, call, ec
                 row.update(measure(lambda r, b=backend: call(b, r), request, bc.repeats, cuda))
             result["rows"].append(row)
             echo(format_row(row))
+
+
+def profile_native(result: dict, bc: BenchConfig, options: dict, call, family: str, cfg) -> None:
+    """row["profile"] of the native row at batch 1 (bounds.profile_call): an untimed call (the runner of the last row
+    measured may have replaced its graphs), then one under torch.profiler. After every timed row: the profiler may
+    leave CUPTI attached to the process, which slows kernel launches."""
+    from bytedeploy.bounds import profile_call
+
+    request = GenerateRequest(bc.prompt, bc.max_new, 1, bc.sampling, dict(options))
+    for row in result["rows"]:
+        if row["status"] == "ok" and row["backend"] == "native" and row["batch_size"] == 1:
+            try:
+                call("native", request)
+                row["profile"] = profile_call(lambda: call("native", request), family, cfg, 1)
+            except Exception as e:  # a profiler that cannot run here leaves a note, never a crash
+                row["profile"] = {"error": one_line(e)}
 
 
 def fit_max_new(bc: BenchConfig, family: str, cfg, options: dict) -> BenchConfig:
@@ -292,6 +317,7 @@ def measure(run, request: GenerateRequest, repeats: int, cuda: bool) -> dict:
             "utf-8", errors="replace"),
     }
     if res.passes:
+        row["passes"] = res.passes
         row["passes_per_token"] = res.passes / max(res.n_new, 1)
     extra = {k: v for k, v in res.extra.items() if isinstance(v, (str, int, float, bool, list))}
     if extra:
@@ -322,22 +348,6 @@ def add_derived(result: dict, cfg, bc: BenchConfig, bases) -> None:
         if ref is not None:
             row["speedup_vs_eager_reference"] = row["tokens_per_s"] / ref["tokens_per_s"]
             row["speedup_basis"] = f"eager-reference at batch {ref['batch_size']}"
-
-
-def add_bandwidth_bound(result: dict, model) -> None:
-    """bGPT: the weight bytes a patch reads over BANDWIDTH_BYTES_PER_S, and each row's fraction of that bound."""
-    from bytedeploy.plugins.patch_decode import weight_bytes_per_patch
-
-    weights = weight_bytes_per_patch(model)
-    bound = weights["patch"] / BANDWIDTH_BYTES_PER_S
-    result["bandwidth_bound"] = {
-        "weight_bytes_per_patch": weights["patch"], "weight_bytes_per_byte_step": weights["byte_decoder_step"],
-        "weight_bytes_per_patch_step": weights["patch_decoder_step"], "bound_ms_per_patch": 1e3 * bound,
-        "note": "weights only (KV-cache reads excluded); each row's fraction_of_bound = bound / measured",
-    }
-    for row in result["rows"]:
-        if row["status"] == "ok":
-            row["fraction_of_bandwidth_bound"] = bound / (row["latency_ms_per_patch"] * 1e-3)
 
 
 def parse_value(text: str):
@@ -384,10 +394,27 @@ def summary_lines(result: dict) -> list[str]:
             parts.append(f"{row['latency_ms_per_patch']:.3f} ms/patch")
         if "speedup_vs_eager_reference" in row:
             parts.append(f"{row['speedup_vs_eager_reference']:.1f}x eager-reference")
-        if "fraction_of_bandwidth_bound" in row:
-            parts.append(f"{100 * row['fraction_of_bandwidth_bound']:.1f}% of the bandwidth bound")
+        if "share_of_bound" in row:
+            parts.append(f"{100 * row['share_of_bound']:.3g}% of the bound")
         lines.append(f"  {row['backend']:>16} batch {row['batch_size']:>3}: " + ", ".join(parts))
+        if "profile" in row:
+            lines.append(" " * 20 + profile_line(row["profile"]))
+    bound = result.get("bound") or {}
+    if bound.get("bound_ms_per_step") is not None:
+        lines.append(f"  the bound per step ({bound['step']}): {bound['bound_ms_per_step']:.4f} ms, by "
+                     f"{bound['bound_by']}: {bound['weight_bytes_per_step'] / 1e6:,.1f} MB of weights at "
+                     f"{bound['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s copy bandwidth, launch floor "
+                     f"{bound['launch_floor_us']:.2f} us")
     return lines
+
+
+def profile_line(profile: dict) -> str:
+    if "error" in profile:
+        return f"profile: {profile['error']}"
+    heaviest = profile["top_kernels"][0]["name"][:40] if profile["top_kernels"] else "-"
+    return (f"profile per step: {profile['kernels_per_step']:.1f} kernels, {profile['kernel_ms_per_step']:.3f} ms "
+            f"kernel time, host {profile['host_ms_per_step']:.3f} ms, wall {profile['wall_ms_per_step']:.3f} ms "
+            f"(heaviest: {heaviest})")
 
 
 def write_json(result: dict, path: str | Path) -> None:
@@ -397,7 +424,8 @@ def write_json(result: dict, path: str | Path) -> None:
 
 
 def write_plot(result: dict, path: str | Path) -> str:
-    """Throughput and speed-up per backend over the batch sizes; -> a note (what was written, or why not)."""
+    """Throughput, speed-up and (measured on a GPU) share of the bound per backend over the batch sizes; -> a note
+    (what was written, or why not)."""
     try:
         import matplotlib
 
@@ -407,16 +435,19 @@ def write_plot(result: dict, path: str | Path) -> str:
         return "plot not written: matplotlib is not installed (pip install matplotlib)"
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     backends = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, (ax_rate, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    unit = rows[0]["unit"] if rows else "token"
+    panels = [("tokens_per_s", f"{unit}s / s (whole batch)"),
+              ("speedup_vs_eager_reference", "speed-up over eager-reference")]
+    if any("share_of_bound" in r for r in rows):
+        panels.append(("share_of_bound", "share of the bound per step"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
     for backend in backends:
         mine = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["batch_size"])
-        xs = [r["batch_size"] for r in mine]
-        ax_rate.plot(xs, [r["tokens_per_s"] for r in mine], marker="o", label=backend)
-        speed = [(r["batch_size"], r["speedup_vs_eager_reference"]) for r in mine if "speedup_vs_eager_reference" in r]
-        if speed:
-            ax_speed.plot(*zip(*speed), marker="o", label=backend)
-    unit = rows[0]["unit"] if rows else "token"
-    for ax, label in ((ax_rate, f"{unit}s / s (whole batch)"), (ax_speed, "speed-up over eager-reference")):
+        for ax, (key, _) in zip(axes, panels):
+            points = [(r["batch_size"], r[key]) for r in mine if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=backend)
+    for ax, (_, label) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size")

@@ -28,12 +28,16 @@ from bytedeploy.verify import tolerance_help
                    "decodes a whole patch (greedy) in the TensorRT plugin; the trt backend then makes one call per "
                    "patch. [default: none, the byte_patch graphs]")
 @click.option("--opset", type=int, default=None, help="ONNX opset (18 or newer) [default: 18].")
+@click.option("--ort-fusions/--no-ort-fusions", default=True, show_default=True,
+              help="Also write each graph's ONNX Runtime variant with contrib-op fusions (SkipLayerNormalization, "
+                   "MultiHeadAttention), where any applies; the ONNX Runtime backends run it, TensorRT the standard "
+                   "graph. It holds a second copy of the graph's weights.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle in --out.")
-def export(checkpoint, out, precision, bitlinear, patch_decode, opset, force):
+def export(checkpoint, out, precision, bitlinear, patch_decode, opset, ort_fusions, force):
     """Export CHECKPOINT as a deployment bundle: ONNX graphs, tokenizer files and bundle.json."""
     from bytedeploy.exporters import export as export_bundle
 
-    bundle = export_bundle(checkpoint, out, precision, bitlinear, opset, force, patch_decode)
+    bundle = export_bundle(checkpoint, out, precision, bitlinear, opset, force, patch_decode, ort_fusions)
     click.echo(f"wrote {out}: {bundle.family}, {len(bundle.graphs)} graphs ({', '.join(bundle.graphs)}), "
                f"{bundle.precision}, opset {bundle.opset}")
 
@@ -138,11 +142,14 @@ def build(bundle, out, precision, max_batch, max_len, target, max_memory, timing
 @click.option("--device", default=None, help="cuda or cpu [default: cuda when available].")
 @click.option("--out", type=click.Path(), default=None, help="Write the results as JSON here.")
 @click.option("--plot", type=click.Path(), default=None, help="Write a PNG plot here (needs matplotlib).")
+@click.option("--profile", is_flag=True,
+              help="Also run each native row at batch 1 once under torch.profiler: kernels and host time per step.")
 @click.option("--force", is_flag=True, help="Overwrite existing --out / --plot files.")
 def bench(checkpoint, backends, batch_sizes, max_new, prompt, bundle, repeats, reference_max_batch, dtype, options,
-          top_k, top_p, temperature, seed, device, out, plot, force):
+          top_k, top_p, temperature, seed, device, out, plot, profile, force):
     """Time generation of a CHECKPOINT (or an exported BUNDLE) on each backend x batch size: latency per token (and
-    per patch for bGPT), throughput, peak GPU memory and the speed-up over eager-reference, measured in one run. On a
+    per patch for bGPT), throughput, peak GPU memory, the speed-up over eager-reference and, on a GPU, the share of
+    the step's bound (weight bytes over the measured copy bandwidth, or one graph replay), measured in one run. On a
     bundle: its ONNX Runtime / TensorRT backends only, without PyTorch."""
     from bytedeploy.bench import (
         BUNDLE_DEFAULT,
@@ -177,7 +184,7 @@ def bench(checkpoint, backends, batch_sizes, max_new, prompt, bundle, repeats, r
     backends = backends or (BUNDLE_DEFAULT if is_bundle(checkpoint) else CHECKPOINT_DEFAULT)
     bc = BenchConfig([b.strip() for b in backends.split(",") if b.strip()], sizes, max_new,
                      argument_bytes(prompt, "--prompt"), repeats, reference_max_batch, bundle, device, dtype,
-                     family_options, sampling)
+                     family_options, sampling, profile)
     result = run_bench(checkpoint, bc, echo=click.echo)
     click.echo("\n".join(summary_lines(result)))
     if out:

@@ -253,18 +253,3 @@ class PatchDecoder:
         self.run()
         return self.patch.clone()
 
-
-def weight_bytes_per_patch(model) -> dict:
-    """Weight bytes one generated patch reads: the patch decoder's blocks once, the patch embedding's P rows, and the
-    byte decoder's blocks plus its LM head once per byte step (embeddings: the rows gathered)."""
-    cfg = model.cfg
-    P, C = cfg.patch_size, cfg.n_embd
-
-    def nbytes(module) -> int:
-        return sum(p.numel() * p.element_size() for p in module.parameters())
-
-    elt = model.byte_wte.weight.element_size()
-    patch_step = nbytes(model.patch_decoder.h) + nbytes(model.patch_decoder.ln_f) + (P * C + C) * elt + C * elt
-    byte_step = nbytes(model.byte_decoder.h) + nbytes(model.byte_decoder.ln_f) + model.lm_head.weight.numel() * elt \
-        + 2 * C * elt
-    return {"patch_decoder_step": patch_step, "byte_decoder_step": byte_step, "patch": patch_step + P * byte_step}

@@ -50,7 +50,9 @@ def test_bench_cpu_writes_json_rows_and_plot(tiny_bgpt, tmp_path):
         ("eager-reference", 2)]["reason"]
     assert rows[("native", 1)]["reason"] == "the native backend needs a CUDA GPU"
     assert "--bundle" in rows[("ort", 1)]["reason"]
-    assert data["bandwidth_bound"]["weight_bytes_per_patch"] > 0
+    assert data["bound"]["weight_bytes_per_step"] > 0 and data["bound"]["copy_bandwidth_bytes_per_s"] is None
+    assert rows[("eager", 1)]["ms_per_step"] == pytest.approx(rows[("eager", 1)]["latency_ms_per_patch"])
+    assert all("share_of_bound" not in r for r in data["rows"])  # on the CPU: no bandwidth, no launch floor
     assert "eager-reference" in result.output and "skipped" in result.output
     try:
         import matplotlib  # noqa: F401
