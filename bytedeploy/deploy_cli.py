@@ -28,10 +28,10 @@ from bytedeploy.verify import tolerance_help
                    "decodes a whole patch (greedy) in the TensorRT plugin; the trt backend then makes one call per "
                    "patch. [default: none, the byte_patch graphs]")
 @click.option("--opset", type=int, default=None, help="ONNX opset (18 or newer) [default: 18].")
-@click.option("--ort-fusions/--no-ort-fusions", default=True, show_default=True,
+@click.option("--ort-fusions/--no-ort-fusions", default=False, show_default=True,
               help="Also write each graph's ONNX Runtime variant with contrib-op fusions (SkipLayerNormalization, "
                    "MultiHeadAttention), where any applies; the ONNX Runtime backends run it, TensorRT the standard "
-                   "graph. It holds a second copy of the graph's weights.")
+                   "graph. It holds a second copy of the graph's weights; off until a GPU run shows it faster.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle in --out.")
 def export(checkpoint, out, precision, bitlinear, patch_decode, opset, ort_fusions, force):
     """Export CHECKPOINT as a deployment bundle: ONNX graphs, tokenizer files and bundle.json."""

@@ -38,9 +38,10 @@ def family_exporter(family: str):
 
 
 def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", bitlinear: str | None = None,
-           opset: int | None = None, force: bool = False, patch_decode: str | None = None):
+           opset: int | None = None, force: bool = False, patch_decode: str | None = None, ort_fusions: bool = False):
     """Write the bundle for checkpoint into out (atomically); returns the Bundle. patch_decode "plugin" (bGPT only)
-    adds the patch_decode_fused graph (exporters/bgpt.py)."""
+    adds the patch_decode_fused graph (exporters/bgpt.py); ort_fusions adds each graph's ONNX Runtime variant with
+    contrib-op fusions, where any applies (exporters/ort_fusions.py)."""
     import torch
 
     from bytedeploy.checkpoint import load_model
@@ -70,6 +71,10 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", bit
                 shutil.copytree(ckpt.assets, folder / "assets")
             with torch.no_grad():
                 graphs, extra = exporter.export_graphs(model, cfg, folder, precision, bitlinear, opset, **options)
+            if ort_fusions:
+                from bytedeploy.exporters.ort_fusions import add_ort_variants
+
+                add_ort_variants(folder, graphs)
             # A family may raise the opset (BitNet qdq: INT4 DequantizeLinear needs 21) and resolve the bitlinear
             # default.
             opset, bitlinear = extra.pop("opset", opset), extra.pop("bitlinear", bitlinear)

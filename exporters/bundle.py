@@ -59,11 +59,18 @@ class GraphSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     custom_ops: list[str] = field(default_factory=list)  # "bytedeploy::BitLinear", ...
+    # The graph with ONNX Runtime's contrib-op fusions (exporters/ort_fusions.py), same inputs and outputs: what
+    # the ONNX Runtime backends run; TensorRT runs `file`. None: every backend runs `file`.
+    ort_file: str | None = None
 
     @staticmethod
     def from_dict(d: dict) -> GraphSpec:
         return GraphSpec(d["name"], d["file"], [TensorSpec(**t) for t in d["inputs"]],
-                         [TensorSpec(**t) for t in d["outputs"]], list(d.get("custom_ops", [])))
+                         [TensorSpec(**t) for t in d["outputs"]], list(d.get("custom_ops", [])), d.get("ort_file"))
+
+    @property
+    def files(self) -> list[str]:
+        return [self.file] if self.ort_file is None else [self.file, self.ort_file]
 
 
 @dataclass
@@ -281,7 +288,8 @@ def check_paths(bundle: Bundle) -> None:
     for g in bundle.graphs.values():
         if not GRAPH_NAME.fullmatch(g.name):
             raise UserError(f"bundle {bundle.path}: graph name {g.name!r} is not a plain name (letters, digits, _-.)")
-        inside(bundle, g.file, f"graph {g.name!r} file")
+        for rel in g.files:
+            inside(bundle, rel, f"graph {g.name!r} file")
     for folder in FOLDERS:
         root = bundle.path / folder
         if root.is_symlink() or root.exists():
@@ -292,8 +300,9 @@ def check_paths(bundle: Bundle) -> None:
 
 def check_integrity(bundle: Bundle) -> None:
     for g in bundle.graphs.values():
-        if g.file not in bundle.files:
-            raise UserError(f"bundle {bundle.path}: graph {g.name!r} file {g.file} is not in the manifest")
+        for rel in g.files:
+            if rel not in bundle.files:
+                raise UserError(f"bundle {bundle.path}: graph {g.name!r} file {rel} is not in the manifest")
     for rel, digest in bundle.files.items():
         p = bundle.path / rel
         if not p.is_file():
@@ -303,16 +312,22 @@ def check_integrity(bundle: Bundle) -> None:
 
 
 def check_graph(bundle: Bundle, g: GraphSpec) -> None:
-    """The graph's ONNX file against its manifest entry: opset and custom ops, external data inside the bundle,
+    """The graph's ONNX files (the standard one and its ONNX Runtime variant) against its manifest entry."""
+    for rel in g.files:
+        check_graph_file(bundle, g, rel)
+
+
+def check_graph_file(bundle: Bundle, g: GraphSpec, file: str) -> None:
+    """One ONNX file of a graph against its manifest entry: opset and custom ops, external data inside the bundle,
     input and output names, element types and fixed sizes, the sizes the model config states and the precision.
     Reads the graph without its external weights."""
     import onnx
 
-    path = bundle.graph_path(g.name)
+    path = bundle.path / file
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
-        raise UserError(f"bundle {bundle.path}: {g.file} is not an ONNX model ({type(e).__name__})") from None
+        raise UserError(f"bundle {bundle.path}: {file} is not an ONNX model ({type(e).__name__})") from None
     check_graph_opset_and_ops(path, model)
     used = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain == CUSTOM_DOMAIN})
     if used != sorted(set(g.custom_ops)):
@@ -324,7 +339,7 @@ def check_graph(bundle: Bundle, g: GraphSpec) -> None:
             if ".." in PurePosixPath(location).parts or PurePosixPath(location).is_absolute():
                 raise UserError(f"bundle {bundle.path}: graph {g.name!r} keeps weights at {location!r}, outside "
                                 "the bundle folder")
-            rel = (PurePosixPath(g.file).parent / location).as_posix()
+            rel = (PurePosixPath(file).parent / location).as_posix()
             inside(bundle, rel, f"graph {g.name!r} external data")
             if rel not in bundle.files:
                 raise UserError(f"bundle {bundle.path}: graph {g.name!r} external data {rel} is not in the manifest")
@@ -333,12 +348,12 @@ def check_graph(bundle: Bundle, g: GraphSpec) -> None:
         values = [v for v in values if v.name not in initializers]
         if [v.name for v in values] != [t.name for t in specs]:
             raise UserError(f"bundle {bundle.path}: graph {g.name!r} {kind} are {[v.name for v in values]} in "
-                            f"{g.file}; the manifest says {[t.name for t in specs]}")
+                            f"{file}; the manifest says {[t.name for t in specs]}")
         for spec, value in zip(specs, values):
             dtype, dims = onnx_type(value)
             if dtype != spec.dtype or len(dims) != len(spec.shape) or any(
                     isinstance(d, int) and d != s for d, s in zip(dims, spec.shape)):
-                raise UserError(f"bundle {bundle.path}: graph {g.name!r} {spec.name} is {dtype} {dims} in {g.file}; "
+                raise UserError(f"bundle {bundle.path}: graph {g.name!r} {spec.name} is {dtype} {dims} in {file}; "
                                 f"the manifest says {spec.dtype} {spec.shape}")
     layer_caches = [t.name for t in g.outputs if LAYER_CACHE.fullmatch(t.name) and t.name.startswith("present_k")]
     n_layer = bundle.model_config.get("n_layer")

@@ -29,10 +29,14 @@ def logits_at(model, idx, positions, caches, attn_mask=None):
     return model.lm_head(model.transformer(model.wte(idx), caches, 0, attn_mask, pos_emb))
 
 
-def mask_symbol(symbol: int):
-    """The graphs' transform of the logits before a token is chosen: the unknown symbol is never emitted."""
+def mask_symbol(symbol: int, vocab_size: int):
+    """The graphs' transform of the logits before a token is chosen: the unknown symbol is never emitted. A constant
+    mask and one Where (index_fill exports as a scatter into the logits' shape, which symbolic shape inference, and
+    so ONNX Runtime's fusions of the whole graph, cannot follow)."""
+    blocked = torch.arange(vocab_size) == symbol
+
     def transform(logits):
-        return logits.float().index_fill(-1, torch.tensor([symbol]), float("-inf"))
+        return logits.float().masked_fill(blocked, float("-inf"))
     return transform
 
 
@@ -43,7 +47,7 @@ def export_graphs(model, cfg, folder: Path, precision: str, bitlinear: str | Non
     unknown = tokenizer.unknown_id if tokenizer is not None else 0
     opset = export_opset(opset)
     graphs = export_token_graphs(model, logits_at, folder, cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head,
-                                 cfg.vocab_size, dtype, opset, transform=mask_symbol(unknown))
+                                 cfg.vocab_size, dtype, opset, transform=mask_symbol(unknown, cfg.vocab_size))
     return graphs, {"opset": opset}
 
 

@@ -19,6 +19,9 @@ step must be idempotent: it may write in place what it reads only where writing 
 cache slot, a token at a position), never a counter (the loops alternate two buffers for positions). Where the
 CUDA provider cannot capture a graph (a node it would run on the CPU, say), the graph runs without CUDA graphs and
 ``cuda_graph_errors`` says why.
+
+A graph with an ONNX Runtime variant (GraphSpec.ort_file: SkipLayerNormalization and MultiHeadAttention contrib
+ops, exporters/ort_fusions.py) runs that variant; BYTEDEPLOY_ORT_FUSIONS=0 runs the standard graphs instead.
 """
 
 from __future__ import annotations
@@ -138,6 +141,7 @@ class OrtRunner:
         self.bundle = bundle
         self.device = device
         self.profile = profile
+        self.fusions = os.environ.get("BYTEDEPLOY_ORT_FUSIONS", "1") != "0"
         providers_for(device)  # fail early, with the message, when the provider is missing
         self.sessions = {}
         self.capturing = set()  # graphs whose session captures CUDA graphs
@@ -152,7 +156,7 @@ class OrtRunner:
             spec = self.bundle.graph(graph)
             try:
                 self.sessions[graph] = make_session(
-                    self.bundle.graph_path(graph), self.device, custom_ops=bool(spec.custom_ops), cuda_graph=capture,
+                    self.graph_file(graph), self.device, custom_ops=bool(spec.custom_ops), cuda_graph=capture,
                     profile=str(Path(self.profile) / graph) if self.profile else None)
             except UserError as e:
                 if not capture:
@@ -162,6 +166,13 @@ class OrtRunner:
             if capture:
                 self.capturing.add(graph)
         return self.sessions[graph]
+
+    def graph_file(self, graph: str) -> Path:
+        """The file this runner runs for a graph: its ONNX Runtime variant, where the bundle has one."""
+        spec = self.bundle.graph(graph)
+        if spec.ort_file and self.fusions:
+            return self.bundle.path / spec.ort_file
+        return self.bundle.graph_path(graph)
 
     def value(self, host: np.ndarray):
         """A copy of a host array on the runner's device."""
