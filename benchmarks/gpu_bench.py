@@ -81,12 +81,13 @@ def bundle_path(root: Path, family: str, dtype: str) -> Path:
     return root / f"{family}-{PRECISIONS[dtype]}-bundle"
 
 
-def prepare(family: str, root: Path, dtypes: list[str]) -> None:
+def prepare(family: str, root: Path, dtypes: list[str], ort_fusions: bool = False) -> None:
     """The family's checkpoint, then its bundles, one export process per dtype (the --prepare step of --ort-cuda)."""
     t0 = time.perf_counter()
     ckpt = make_checkpoint(family, FAMILIES[family][0], root / family)
     exports = [subprocess.Popen([sys.executable, "-m", "bytedeploy.cli", "export", str(ckpt), "-o",
-                                 str(bundle_path(root, family, dtype)), "--precision", PRECISIONS[dtype]],
+                                 str(bundle_path(root, family, dtype)), "--precision", PRECISIONS[dtype]]
+                                + (["--ort-fusions"] if ort_fusions else []),
                                 stdout=subprocess.DEVNULL) for dtype in dtypes]
     if any(job.wait() for job in exports):
         sys.exit(f"{family}: an export failed")
@@ -224,7 +225,7 @@ def run_ort_cuda(args, families: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
         if not (root / PREPARED).is_file():
-            prepare_all(families, root, dtypes)
+            prepare_all(families, root, dtypes, args.ort_fusions)
         if args.prepare_only:
             return
         for dtype in dtypes:
@@ -239,12 +240,13 @@ def run_ort_cuda(args, families: list[str]) -> None:
     print(f"wrote {out}", flush=True)
 
 
-def prepare_all(families: list[str], root: Path, dtypes: list[str]) -> None:
+def prepare_all(families: list[str], root: Path, dtypes: list[str], ort_fusions: bool = False) -> None:
     """Every family's checkpoint and bundles, in parallel: one process each."""
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    fusions = ["--ort-fusions"] if ort_fusions else []
     jobs = [subprocess.Popen([sys.executable, "-m", "bytedeploy.benchmarks.gpu_bench", "--prepare", family,
-                              "--out", str(root), "--dtype", ",".join(dtypes)]) for family in families]
+                              "--out", str(root), "--dtype", ",".join(dtypes), *fusions]) for family in families]
     if any(job.wait() for job in jobs):
         sys.exit("preparing the checkpoints and bundles failed")
     (root / PREPARED).write_text(f"{time.perf_counter() - t0:.1f} s\n")
@@ -275,12 +277,14 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default=None, help="--ort-cuda: keep the checkpoints and bundles here (made "
                                                         "once) [default: a temporary folder]")
     parser.add_argument("--prepare-only", action="store_true", help="--ort-cuda: only make them")
+    parser.add_argument("--ort-fusions", action="store_true", help="--ort-cuda: export the bundles with --ort-fusions "
+                        "(the ORT rows run the fused graphs; BYTEDEPLOY_ORT_FUSIONS=0 the standard ones)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu_bench needs a CUDA GPU")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.prepare:
-        return prepare(args.prepare, Path(args.out), args.dtype.split(","))
+        return prepare(args.prepare, Path(args.out), args.dtype.split(","), args.ort_fusions)
     if args.ort_cuda:
         return run_ort_cuda(args, args.families.split(","))
     args.dtype = args.dtype or "float32"
