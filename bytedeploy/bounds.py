@@ -184,8 +184,9 @@ def add_bound(result: dict, model, cfg, machine: dict | None, bundle_precision: 
                      "(KV caches and activations excluded); bytedeploy/bounds.py says how each is counted"}
     if machine:
         bound.update(machine, bound_ms_per_step=bound_ms(dtype))
-        weight_ms = 1e3 * weights["step"].nbytes(dtype) / machine["copy_bandwidth_bytes_per_s"]
-        bound["bound_by"] = "weights" if weight_ms >= bound["bound_ms_per_step"] else "launch"
+        weight_s = weights["step"].nbytes(dtype) / machine["copy_bandwidth_bytes_per_s"]
+        launch_s = GRAPH_REPLAYS_PER_STEP * machine["launch_floor_us"] * 1e-6
+        bound["bound_by"] = "weights" if weight_s >= launch_s else "launch"
     result["bound"] = bound
     for row in result["rows"]:
         if row["status"] != "ok":

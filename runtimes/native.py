@@ -33,6 +33,7 @@ first call pays for the capture (reported as extra["captured"]) and later calls 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections.abc import Callable
@@ -95,8 +96,17 @@ def capture(fn: Callable[[], None], generator: torch.Generator | None = None, po
             raise UserError(f"torch {torch.__version__} cannot capture a seeded generator in a CUDA graph "
                             f"(CUDAGraph.register_generator_state is missing); the native backend needs torch >= 2.5")
         graph.register_generator_state(generator)
-    with torch.cuda.graph(graph, pool=pool):
-        fn()
+    # A dead runner in a reference cycle freed by the garbage collector in the middle of a capture would reset its
+    # CUDA graph while the stream captures, which invalidates this capture (torch.cuda.graph no longer collects first
+    # unless torch.compiler.config.force_cudagraph_gc). Seen on an H100: "operation not permitted when stream is
+    # capturing (function reset)", then every later kernel failed.
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            fn()
+    finally:
+        gc.enable()
     return graph
 
 

@@ -142,7 +142,9 @@ def test_profile_call_counts_per_step(tiny_char_gpt2):
     request = GenerateRequest(b"hello", 5, 1, options={"assets": str(ckpt.assets)})
     profile = bounds.profile_call(lambda: runner.generate(request), "char-gpt2", cfg, 1)
     assert profile["steps"] == 5 and profile["kernels_per_step"] == 0 and profile["top_kernels"] == []
-    assert 0 < profile["host_ms_per_step"] == profile["wall_ms_per_step"]
+    assert 0 < profile["host_ms_per_step"] <= profile["wall_ms_per_step"]
+    if not torch.cuda.is_available():  # with a GPU, the profiler also sees CUDA runtime calls of the process
+        assert profile["host_ms_per_step"] == profile["wall_ms_per_step"]
 
 
 # ----------------------------------------------------------------------------------------------- GPU

@@ -143,10 +143,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32"])
 def test_batched_native_equals_native_generate(checkpoint, dtype):
     """CUDA graphs per capacity (1, 2, 4, 8), the fused kernels at small capacities: every greedy row equals the
-    native backend's generate() alone, and the eager batched session's rows."""
+    native backend's generate() alone, and the eager batched session's rows. float32 only: in bfloat16 the kernels
+    of another batch size round differently, and on an H100 one row of these random weights took another byte at a
+    near tie (README, Serving)."""
     model = open_model(checkpoint, "native", device="cuda", dtype=dtype)
     requests = [GenerateRequest(p.encode(), max_new, 1, GREEDY, {}) for p in PROMPTS for max_new in (0, 13)]
     expected = [model.generate(r).outputs[0] for r in requests]

@@ -404,6 +404,9 @@ def test_metrics_scraped_and_parsed(setup):
         "bytedeploy_time_to_first_token_seconds_count"] + 1
     assert after["bytedeploy_time_per_output_token_seconds_count"] > before[
         "bytedeploy_time_per_output_token_seconds_count"]
+    assert after["bytedeploy_queue_wait_seconds_count"] == before["bytedeploy_queue_wait_seconds_count"] + 1
+    # 30 bytes from a 7-byte prompt: at least the patches of 37 bytes, each reported a step later
+    assert after["bytedeploy_step_seconds_count"] - before["bytedeploy_step_seconds_count"] >= 37 // 8 + 1
     assert after["bytedeploy_queue_depth"] == 0 and after["bytedeploy_running_batch_size"] == 0
     assert after['bytedeploy_time_to_first_token_seconds_bucket{"le": "+Inf"}'] == after[
         "bytedeploy_time_to_first_token_seconds_count"]

@@ -255,14 +255,15 @@ def test_cli_train_lowers_loss_and_burst_generates(tmp_path):
     assert result.exit_code == 0, result.output
     assert "burst: 32 chars" in result.stderr and "passes per char" in result.stderr
 
-    # the family's generate flags reach the sampler: the CLI prints what the same request gives directly
+    # the family's generate flags reach the sampler: the CLI prints what the same request gives directly (both on the
+    # CPU: a GPU draws another random stream)
     from bytedeploy.checkpoint import load_model
 
     model, cfg, ckpt = load_model(out)
     for flags, backend, options in [(["--n-orders", "1"], "burst", {"n_orders": 1}),
                                     (["--gen-order", "random"], "eager", {"order": "random"})]:
         result = runner.invoke(cli, ["generate", str(out), "--backend", backend, "--max-new", "32", "--prompt",
-                                     "def ", "--seed", "5", *flags])
+                                     "def ", "--seed", "5", "--device", "cpu", *flags])
         assert result.exit_code == 0, result.output
         request = GenerateRequest(b"def ", 32, 1, SamplingConfig(seed=5), dict(options, assets=str(ckpt.assets)))
         assert result.stdout == sg.generate(model, cfg, request, backend).outputs[0].decode() + "\n"

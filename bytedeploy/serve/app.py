@@ -76,6 +76,11 @@ class Metrics:
         self.time_per_output_token = Histogram("bytedeploy_time_per_output_token_seconds",
                                                "Between outputs of a request, per token", buckets=LATENCY_BUCKETS,
                                                registry=r)
+        # where a request's time to first token goes: waiting to join, then the batch's steps
+        self.queue_wait = Histogram("bytedeploy_queue_wait_seconds", "From arrival to joining the running batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.step_time = Histogram("bytedeploy_step_seconds", "One step of the running batch (bGPT: a patch)",
+                                   buckets=LATENCY_BUCKETS, registry=r)
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:

@@ -79,12 +79,14 @@ class Scheduler:
                         return
                     self.changed.wait()
                     continue
+            start = time.perf_counter()
             try:
                 updates = self.session.step()
             except Exception as e:  # noqa: BLE001 - the step failed for every row: each gets the error, none stays
                 updates = [RowUpdate(row, done=True, error=e) for row in self.running]
                 for row in self.running:
                     self.session.cancel(row)
+            self.metrics.step_time.observe(time.perf_counter() - start)
             self.deliver(updates)
             self.metrics.running_batch_size.set(len(self.session))
 
@@ -104,6 +106,7 @@ class Scheduler:
                 self.send(job, RowUpdate(-1, done=True, error=e))
                 continue
             self.running[job.row] = job
+            self.metrics.queue_wait.observe(time.perf_counter() - job.submitted)
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.running_batch_size.set(len(self.session))
 

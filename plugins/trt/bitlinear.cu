@@ -34,11 +34,11 @@ namespace
 
 constexpr char kName[] = "BitLinear";
 constexpr int kGemvMaxTokens = 4;
-constexpr int kGemvThreads = 256;
+constexpr int kThreads = 256; // the GEMV's and the quantization kernel's blocks
 constexpr int kGemvRowsPerWarp = 4;
-constexpr int kGemvRowsPerBlock = kGemvThreads / 32 * kGemvRowsPerWarp;
+constexpr int kGemvRowsPerBlock = kThreads / 32 * kGemvRowsPerWarp;
 constexpr int kGemvMaxSmem = 46 * 1024; // dynamic shared memory, under the 48 KB that needs no opt-in
-constexpr int kQuantizeThreads = 256;
+constexpr int kUnitBatch = 4;           // units of 8 inputs each thread loads at once
 constexpr int kMmaWarps = 4;
 constexpr int kMmaColumns = 8; // outputs per warp: one MMA's N
 
@@ -57,11 +57,39 @@ __device__ __forceinline__ void decodeWord(uint32_t word, uint32_t (&out)[4])
     out[3] = ternaryInt8x4(odd >> 16);
 }
 
-// Byte o of a permuted group of 16 -> the input t of the group it holds (t = 8h + 2e + s at o = 4(s + 2h) + e).
-__device__ __forceinline__ int inputOfOffset(int o)
+__device__ __forceinline__ void loadVector(float const* p, float (&v)[8])
 {
-    int const q = o >> 2, e = o & 3;
-    return 8 * (q >> 1) + 2 * e + (q & 1);
+    float4 const a = *reinterpret_cast<float4 const*>(p), b = *reinterpret_cast<float4 const*>(p + 4);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+__device__ __forceinline__ void loadVector(__half const* p, float (&v)[8])
+{
+    uint4 const u = *reinterpret_cast<uint4 const*>(p);
+    __half2 const* h = reinterpret_cast<__half2 const*>(&u);
+    for (int i = 0; i < 4; ++i)
+    {
+        float2 const f = __half22float2(h[i]);
+        v[2 * i] = f.x, v[2 * i + 1] = f.y;
+    }
+}
+
+// Unit u of the `total` units of 8 inputs of a block of token rows (units per row): its inputs as floats, 0 past K
+// and past the last row. Rows of a multiple of 16 inputs are read as 16-byte vectors.
+template <typename T>
+__device__ __forceinline__ void loadUnit(T const* x, int u, int units, int total, int K, float (&v)[8])
+{
+    T const* row = x + static_cast<size_t>(u / units) * K;
+    int const k0 = 8 * (u % units);
+    if (u < total && K % 16 == 0 && k0 < K)
+    {
+        loadVector(row + k0, v);
+        return;
+    }
+    for (int i = 0; i < 8; ++i)
+    {
+        v[i] = u < total && k0 + i < K ? toFloat(row[k0 + i]) : 0.0f;
+    }
 }
 
 __device__ __forceinline__ float actScale(float amax)
@@ -69,9 +97,22 @@ __device__ __forceinline__ float actScale(float amax)
     return __fmul_rn(__frcp_rn(fmaxf(amax, 1e-5f)), 127.0f);
 }
 
-__device__ __forceinline__ int8_t quantize(float v, float scale)
+__device__ __forceinline__ uint32_t quantize(float v, float scale)
 {
-    return static_cast<int8_t>(max(-128, min(127, __float2int_rn(__fmul_rn(v, scale)))));
+    return static_cast<uint8_t>(max(-128, min(127, __float2int_rn(__fmul_rn(v, scale)))));
+}
+
+// A unit's x_int as the permuted words (s = 0, h) and (s = 1, h) of its group: its even and its odd inputs. Unit u
+// = 2g + h thus fills words 2u and 2u + 1 of the permuted rows: one uint2 per unit.
+__device__ __forceinline__ uint2 quantizeUnit(float const (&v)[8], float scale)
+{
+    uint2 words = make_uint2(0, 0);
+    for (int e = 0; e < 4; ++e)
+    {
+        words.x |= quantize(v[2 * e], scale) << (8 * e);
+        words.y |= quantize(v[2 * e + 1], scale) << (8 * e);
+    }
+    return words;
 }
 
 // Word j (bytes 4j..4j+3) of a packed row of rowBytes bytes; bytes past the row read as code 00 (weight 0).
@@ -91,11 +132,11 @@ __device__ __forceinline__ uint32_t loadWord(uint8_t const* row, int j, int rowB
     return word;
 }
 
-template <int kTokens>
-__device__ __forceinline__ void blockAbsmax(float (&amax)[kTokens], float* shared /* [warps][kTokens] */)
+// The absmax of each of up to 4 token rows over the block: every thread ends with all of them.
+__device__ __forceinline__ void blockAbsmax(float (&amax)[kGemvMaxTokens], float* shared /* [warps][4] */)
 {
-    int const lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int m = 0; m < kTokens; ++m)
+    int const lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int m = 0; m < kGemvMaxTokens; ++m)
     {
         for (int o = 16; o > 0; o >>= 1)
         {
@@ -103,16 +144,72 @@ __device__ __forceinline__ void blockAbsmax(float (&amax)[kTokens], float* share
         }
         if (lane == 0)
         {
-            shared[warp * kTokens + m] = amax[m];
+            shared[warp * kGemvMaxTokens + m] = amax[m];
         }
     }
     __syncthreads();
-    for (int m = 0; m < kTokens; ++m)
+    for (int m = 0; m < kGemvMaxTokens; ++m)
     {
         amax[m] = 0.0f;
-        for (int w = 0; w < warps; ++w)
+        for (int w = 0; w < kThreads / 32; ++w)
         {
-            amax[m] = fmaxf(amax[m], shared[w * kTokens + m]);
+            amax[m] = fmaxf(amax[m], shared[w * kGemvMaxTokens + m]);
+        }
+    }
+}
+
+// x_int of rows (<= 4) consecutive tokens of x, `units` units of 8 inputs per token (those past K are zeros), into
+// out in the permuted order, and each token's scale into scales (shared memory): the whole block takes part, each
+// thread loading kUnitBatch units at once (one pass for the absmax, another, mostly from L1, to quantize).
+template <typename T>
+__device__ void quantizeTokens(T const* x, int rows, int units, int K, float* scales, float* partial, uint2* out)
+{
+    int const total = rows * units;
+    float amax[kGemvMaxTokens] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int u0 = threadIdx.x; u0 < total; u0 += kUnitBatch * kThreads)
+    {
+        float v[kUnitBatch][8];
+        for (int b = 0; b < kUnitBatch; ++b)
+        {
+            loadUnit(x, u0 + b * kThreads, units, total, K, v[b]);
+        }
+        for (int b = 0; b < kUnitBatch; ++b)
+        {
+            float local = 0.0f;
+            for (int i = 0; i < 8; ++i)
+            {
+                local = fmaxf(local, fabsf(v[b][i]));
+            }
+            int const m = (u0 + b * kThreads) / units;
+            for (int t = 0; t < kGemvMaxTokens; ++t)
+            {
+                amax[t] = t == m ? fmaxf(amax[t], local) : amax[t];
+            }
+        }
+    }
+    blockAbsmax(amax, partial);
+    for (int t = 0; t < kGemvMaxTokens; ++t)
+    {
+        if (threadIdx.x == t)
+        {
+            scales[t] = actScale(amax[t]);
+        }
+    }
+    __syncthreads();
+    for (int u0 = threadIdx.x; u0 < total; u0 += kUnitBatch * kThreads)
+    {
+        float v[kUnitBatch][8];
+        for (int b = 0; b < kUnitBatch; ++b)
+        {
+            loadUnit(x, u0 + b * kThreads, units, total, K, v[b]);
+        }
+        for (int b = 0; b < kUnitBatch; ++b)
+        {
+            int const u = u0 + b * kThreads;
+            if (u < total)
+            {
+                out[u] = quantizeUnit(v[b], scales[u / units]);
+            }
         }
     }
 }
@@ -121,11 +218,11 @@ __device__ __forceinline__ void blockAbsmax(float (&amax)[kTokens], float* share
 // Grid: ceil(N / 32) blocks of 256 threads; warp w of block b owns rows 32b + 4w .. + 3. Each lane reads kWords
 // consecutive words of each of its 4 rows per step (a 16-byte load when rows are 16-byte aligned).
 template <typename T, int kWords>
-__global__ void __launch_bounds__(kGemvThreads) gemvKernel(T const* __restrict__ x, uint8_t const* __restrict__ packed,
+__global__ void __launch_bounds__(kThreads) gemvKernel(T const* __restrict__ x, uint8_t const* __restrict__ packed,
     float const* __restrict__ weightScale, T* __restrict__ y, int M, int K, int N)
 {
     extern __shared__ uint4 xq[]; // [M][groups] permuted int8 groups of 16
-    __shared__ float partial[kGemvThreads / 32 * kGemvMaxTokens];
+    __shared__ float partial[kThreads / 32 * kGemvMaxTokens];
     __shared__ float scales[kGemvMaxTokens];
     letNextKernelLaunch();
     int const lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -156,27 +253,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemvKernel(T const* __restrict__
     load(0, cur); // weights first: they do not depend on the previous kernel
     waitPreviousKernel();
 
-    float amax[kGemvMaxTokens] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int k = threadIdx.x; k < K; k += kGemvThreads)
-    {
-        for (int m = 0; m < kGemvMaxTokens; ++m)
-        {
-            amax[m] = m < M ? fmaxf(amax[m], fabsf(toFloat(x[static_cast<size_t>(m) * K + k]))) : 0.0f;
-        }
-    }
-    blockAbsmax(amax, partial);
-    if (threadIdx.x < kGemvMaxTokens)
-    {
-        scales[threadIdx.x] = actScale(amax[threadIdx.x]);
-    }
-    __syncthreads();
-    auto* xqBytes = reinterpret_cast<int8_t*>(xq);
-    for (int p = threadIdx.x; p < M * groups * 16; p += kGemvThreads)
-    {
-        int const m = p / (groups * 16), g = (p / 16) % groups, k = 16 * g + inputOfOffset(p & 15);
-        float const v = k < K ? toFloat(x[static_cast<size_t>(m) * K + k]) : 0.0f;
-        xqBytes[p] = quantize(v, scales[m]);
-    }
+    quantizeTokens(x, M, 2 * groups, K, scales, partial, reinterpret_cast<uint2*>(xq));
     __syncthreads();
 
     int acc[kGemvRowsPerWarp][kGemvMaxTokens] = {};
@@ -244,33 +321,21 @@ __global__ void __launch_bounds__(kGemvThreads) gemvKernel(T const* __restrict__
     }
 }
 
-// ---- batch path, 1: per token, the scale and x_int in the permuted order, padded with zeros to paddedGroups.
+// ---- batch path, 1: one block per token: its scale, and x_int in the permuted order, padded with zeros to
+// paddedGroups groups of 16.
 template <typename T>
-__global__ void __launch_bounds__(kQuantizeThreads) quantizeKernel(
-    T const* __restrict__ x, int8_t* __restrict__ xq, float* __restrict__ scales, int K, int paddedGroups)
+__global__ void __launch_bounds__(kThreads) quantizeKernel(
+    T const* __restrict__ x, uint2* __restrict__ xq, float* __restrict__ scales, int K, int paddedGroups)
 {
-    __shared__ float partial[kQuantizeThreads / 32];
-    __shared__ float scale;
+    __shared__ float partial[kThreads / 32 * kGemvMaxTokens];
+    __shared__ float scale[kGemvMaxTokens];
     letNextKernelLaunch();
     waitPreviousKernel(); // reads x; also, the previous call's MMA kernel may still read xq
-    T const* row = x + static_cast<size_t>(blockIdx.x) * K;
-    float amax[1] = {0.0f};
-    for (int k = threadIdx.x; k < K; k += kQuantizeThreads)
-    {
-        amax[0] = fmaxf(amax[0], fabsf(toFloat(row[k])));
-    }
-    blockAbsmax(amax, partial);
+    size_t const token = blockIdx.x;
+    quantizeTokens(x + token * K, 1, 2 * paddedGroups, K, scale, partial, xq + token * 2 * paddedGroups);
     if (threadIdx.x == 0)
     {
-        scale = actScale(amax[0]);
-        scales[blockIdx.x] = scale;
-    }
-    __syncthreads();
-    int8_t* out = xq + static_cast<size_t>(blockIdx.x) * paddedGroups * 16;
-    for (int p = threadIdx.x; p < paddedGroups * 16; p += kQuantizeThreads)
-    {
-        int const k = 16 * (p / 16) + inputOfOffset(p & 15);
-        out[p] = quantize(k < K ? toFloat(row[k]) : 0.0f, scale);
+        scales[token] = scale[0];
     }
 }
 
@@ -288,10 +353,11 @@ __device__ __forceinline__ void mmaInt8(int (&c)[4], uint32_t a0, uint32_t a1, u
 // weight word of column g and the x_int groups of rows g and g + 8 of each tile; the MMA fragments (A rows g, g + 8,
 // K = 4t..4t+3 and 16+4t..; B column g, the same K) take permuted words q = 0, 1 and then q = 2, 3 of that group.
 template <typename T, int kTiles, bool kAlignedRows>
-__global__ void __launch_bounds__(kMmaWarps * 32) mmaKernel(int8_t const* __restrict__ xq,
+__global__ void __launch_bounds__(kMmaWarps * 32) mmaKernel(uint4 const* __restrict__ xq,
     float const* __restrict__ scales, uint8_t const* __restrict__ packed, float const* __restrict__ weightScale,
     T* __restrict__ y, int M, int K, int N, int paddedGroups)
 {
+    constexpr int kDepth = 8 / kTiles; // chunks per buffer: two buffers, one loading while the other multiplies
     letNextKernelLaunch();
     int const lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int const n0 = (blockIdx.x * kMmaWarps + (threadIdx.x >> 5)) * kMmaColumns;
@@ -300,27 +366,52 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mmaKernel(int8_t const* __rest
     {
         return; // the whole warp
     }
-    int const rowBytes = (K + 3) / 4, n = n0 + g;
+    int const rowBytes = (K + 3) / 4, n = n0 + g, chunks = paddedGroups / 4;
     uint8_t const* row = packed + static_cast<size_t>(n < N ? n : 0) * rowBytes;
-    auto const* xq4 = reinterpret_cast<uint4 const*>(xq);
     waitPreviousKernel();
 
-    int acc[kTiles][4] = {};
-#pragma unroll 4
-    for (int c = 0; c < paddedGroups / 4; ++c)
-    {
-        int const group = 4 * c + t;
-        uint32_t w[4];
-        decodeWord(n < N ? loadWord<kAlignedRows>(row, group, rowBytes) : 0u, w);
-        for (int tile = 0; tile < kTiles; ++tile)
+    // chunk c: this thread's weight word (group 4c + t of column n) and x_int groups of rows g, g + 8 of each tile
+    auto load = [&](int c0, uint32_t(&w)[kDepth], uint4(&a)[kDepth][kTiles][2]) {
+        for (int d = 0; d < kDepth; ++d)
         {
-            int const r0 = m0 + 16 * tile + g, r1 = r0 + 8;
-            uint4 const zero = make_uint4(0, 0, 0, 0);
-            uint4 const a = r0 < M ? __ldg(xq4 + static_cast<size_t>(r0) * paddedGroups + group) : zero;
-            uint4 const b = r1 < M ? __ldg(xq4 + static_cast<size_t>(r1) * paddedGroups + group) : zero;
-            mmaInt8(acc[tile], a.x, b.x, a.y, b.y, w[0], w[1]);
-            mmaInt8(acc[tile], a.z, b.z, a.w, b.w, w[2], w[3]);
+            int const c = c0 + d, group = 4 * c + t;
+            bool const in = c < chunks;
+            w[d] = in && n < N ? loadWord<kAlignedRows>(row, group, rowBytes) : 0u;
+            for (int tile = 0; tile < kTiles; ++tile)
+            {
+                for (int half = 0; half < 2; ++half)
+                {
+                    int const r = m0 + 16 * tile + g + 8 * half;
+                    a[d][tile][half] = in && r < M ? __ldg(xq + static_cast<size_t>(r) * paddedGroups + group)
+                                                   : make_uint4(0, 0, 0, 0);
+                }
+            }
         }
+    };
+    int acc[kTiles][4] = {};
+    auto multiply = [&](uint32_t const(&w)[kDepth], uint4 const(&a)[kDepth][kTiles][2]) {
+        for (int d = 0; d < kDepth; ++d)
+        {
+            uint32_t b[4];
+            decodeWord(w[d], b);
+            for (int tile = 0; tile < kTiles; ++tile)
+            {
+                uint4 const& lo = a[d][tile][0];
+                uint4 const& hi = a[d][tile][1];
+                mmaInt8(acc[tile], lo.x, hi.x, lo.y, hi.y, b[0], b[1]);
+                mmaInt8(acc[tile], lo.z, hi.z, lo.w, hi.w, b[2], b[3]);
+            }
+        }
+    };
+    uint32_t w0[kDepth], w1[kDepth];
+    uint4 a0[kDepth][kTiles][2], a1[kDepth][kTiles][2];
+    load(0, w0, a0);
+    for (int c0 = 0; c0 < chunks; c0 += 2 * kDepth) // chunks past the end load as zeros, which add nothing
+    {
+        load(c0 + kDepth, w1, a1);
+        multiply(w0, a0);
+        load(c0 + 2 * kDepth, w0, a0);
+        multiply(w1, a1);
     }
 
     float const beta = *weightScale;
@@ -364,14 +455,15 @@ cudaError_t run(void const* x, uint8_t const* packed, float const* scale, void* 
         dim3 const grid((N + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock);
         size_t const smem = static_cast<size_t>(M) * ((K + 15) / 16) * 16;
         bool const rows16 = ((K + 3) / 4) % 16 == 0; // 16-byte aligned rows of whole 4-word steps
-        return rows16 ? launch(gemvKernel<T, 4>, grid, kGemvThreads, smem, stream, xt, packed, scale, yt, M, K, N)
-                      : launch(gemvKernel<T, 1>, grid, kGemvThreads, smem, stream, xt, packed, scale, yt, M, K, N);
+        return rows16 ? launch(gemvKernel<T, 4>, grid, kThreads, smem, stream, xt, packed, scale, yt, M, K, N)
+                      : launch(gemvKernel<T, 1>, grid, kThreads, smem, stream, xt, packed, scale, yt, M, K, N);
     }
     int const paddedGroups = static_cast<int>(paddedGroupsOf(K));
-    auto* xq = static_cast<int8_t*>(workspace);
-    auto* scales = reinterpret_cast<float*>(xq + alignUp(static_cast<size_t>(M) * paddedGroups * 16));
-    cudaError_t status
-        = launch(quantizeKernel<T>, dim3(M), kQuantizeThreads, 0, stream, xt, xq, scales, K, paddedGroups);
+    auto* xq = static_cast<uint4*>(workspace); // M rows of paddedGroups permuted groups of 16
+    auto* scales = reinterpret_cast<float*>(
+        static_cast<char*>(workspace) + alignUp(static_cast<size_t>(M) * paddedGroups * sizeof(uint4)));
+    cudaError_t status = launch(quantizeKernel<T>, dim3(M), kThreads, 0, stream, xt, reinterpret_cast<uint2*>(xq),
+        scales, K, paddedGroups);
     if (status != cudaSuccess)
     {
         return status;

@@ -114,17 +114,20 @@ __device__ __forceinline__ float geluTanh(float v)
     return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 }
 
-// out (B, N) (=, GELU of, or += ) in (B, K) (after a LayerNorm when kNorm) times weight (N, K)^T + bias.
-// Grid ceil(N / 8) blocks of 8 warps, one output column per warp; rows go through shared memory 8 at a time, in chunks
-// of 1024 inputs. The warp's first weight chunk is loaded before waiting for the previous kernel.
+// out (B, N) (=, GELU of, or += ) in (B, K) (after a LayerNorm when kNorm; then K <= kChunk) times weight (N, K)^T
+// + bias. Grid ceil(N / 8) blocks of 8 warps, one output column per warp; rows go through shared memory 8 at a time, in
+// chunks of 1024 inputs, each thread loading its part of a chunk at once. The warp's first weight chunk and the
+// LayerNorm's gain and shift are loaded before waiting for the previous kernel.
 template <typename T, bool kNorm, int kEpilogue>
 __global__ void __launch_bounds__(kLinearWarps * 32) linearKernel(float const* __restrict__ in, float* out, int B,
     int K, int N, T const* __restrict__ weight, T const* __restrict__ bias, T const* __restrict__ normWeight,
     T const* __restrict__ normBias)
 {
+    constexpr int kThreads = kLinearWarps * 32, kPer = Vec<T>::kCount, kVecs = kChunk / (32 * kPer);
+    constexpr int kStage = kRowsPerPass * kChunk / 4 / kThreads; // float4 of a chunk per thread
     __shared__ __align__(16) float xs[kRowsPerPass][kChunk];
+    __shared__ float gain[kNorm ? kChunk : 1], shift[kNorm ? kChunk : 1];
     __shared__ float mean[kRowsPerPass], rstd[kRowsPerPass];
-    constexpr int kPer = Vec<T>::kCount, kVecs = kChunk / (32 * kPer);
     letNextKernelLaunch();
     int const lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int const n = blockIdx.x * kLinearWarps + warp;
@@ -139,36 +142,19 @@ __global__ void __launch_bounds__(kLinearWarps * 32) linearKernel(float const* _
     };
     loadChunk(0);
     int loaded = 0;
+    if (kNorm)
+    {
+        for (int k = threadIdx.x; k < K; k += kThreads)
+        {
+            gain[k] = toFloat(normWeight[k]);
+            shift[k] = toFloat(normBias[k]);
+        }
+    }
     waitPreviousKernel();
 
     for (int b0 = 0; b0 < B; b0 += kRowsPerPass)
     {
         int const rows = min(kRowsPerPass, B - b0);
-        if (kNorm)
-        {
-            if (warp < rows)
-            {
-                float const* x = in + static_cast<size_t>(b0 + warp) * K;
-                float s = 0.0f;
-                for (int k = lane; k < K; k += 32)
-                {
-                    s += x[k];
-                }
-                float const mu = warpSum(s) / K;
-                float d2 = 0.0f;
-                for (int k = lane; k < K; k += 32)
-                {
-                    d2 += (x[k] - mu) * (x[k] - mu);
-                }
-                float const var = warpSum(d2) / K;
-                if (lane == 0)
-                {
-                    mean[warp] = mu;
-                    rstd[warp] = rsqrtf(var + kLayerNormEps);
-                }
-            }
-            __syncthreads();
-        }
         float acc[kRowsPerPass] = {};
         for (int k0 = 0; k0 < K; k0 += kChunk)
         {
@@ -177,22 +163,58 @@ __global__ void __launch_bounds__(kLinearWarps * 32) linearKernel(float const* _
                 loadChunk(k0);
                 loaded = k0;
             }
-            int const kc = min(kChunk, K - k0);
-            for (int i = threadIdx.x; i < rows * kc; i += kLinearWarps * 32)
+            int const quads = min(kChunk, K - k0) / 4, total = rows * quads; // K is a multiple of 8
+            float4 staged[kStage];
+            for (int i = 0; i < kStage; ++i)
             {
-                int const r = i / kc, k = i % kc;
-                float v = in[static_cast<size_t>(b0 + r) * K + k0 + k];
-                if (kNorm)
+                int const v = i * kThreads + threadIdx.x;
+                staged[i] = v < total ? *reinterpret_cast<float4 const*>(
+                                in + static_cast<size_t>(b0 + v / quads) * K + k0 + 4 * (v % quads))
+                                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+            for (int i = 0; i < kStage; ++i)
+            {
+                int const v = i * kThreads + threadIdx.x;
+                if (v < total)
                 {
-                    v = (v - mean[r]) * rstd[r] * toFloat(normWeight[k0 + k]) + toFloat(normBias[k0 + k]);
+                    *reinterpret_cast<float4*>(&xs[v / quads][4 * (v % quads)]) = staged[i];
                 }
-                xs[r][k] = v;
             }
             __syncthreads();
+            if (kNorm) // the whole row is in xs: its mean and variance (two passes), then normalized in place
+            {
+                if (warp < rows)
+                {
+                    float s = 0.0f;
+                    for (int k = lane; k < K; k += 32)
+                    {
+                        s += xs[warp][k];
+                    }
+                    float const mu = warpSum(s) / K;
+                    float d2 = 0.0f;
+                    for (int k = lane; k < K; k += 32)
+                    {
+                        d2 += (xs[warp][k] - mu) * (xs[warp][k] - mu);
+                    }
+                    float const var = warpSum(d2) / K;
+                    if (lane == 0)
+                    {
+                        mean[warp] = mu;
+                        rstd[warp] = rsqrtf(var + kLayerNormEps);
+                    }
+                }
+                __syncthreads();
+                for (int i = threadIdx.x; i < rows * K; i += kThreads)
+                {
+                    int const r = i / K, k = i % K;
+                    xs[r][k] = (xs[r][k] - mean[r]) * rstd[r] * gain[k] + shift[k];
+                }
+                __syncthreads();
+            }
             for (int v = 0; v < kVecs; ++v)
             {
                 int const k = (v * 32 + lane) * kPer;
-                if (k >= kc)
+                if (k >= 4 * quads)
                 {
                     break;
                 }
@@ -241,11 +263,13 @@ __global__ void __launch_bounds__(kLinearWarps * 32) linearKernel(float const* _
 }
 
 // One warp per (row, head): writes the step's k, v into cache slot `slot`, then softmax(q K^T / sqrt(D)) V over
-// slots 0..slot. qkv (B, 3C); cacheK, cacheV (B, H, P, D) of this layer; out (B, C).
+// slots 0..slot, lane s scoring slot s. qkv (B, 3C); cacheK, cacheV (B, H, P, D) of this layer; out (B, C).
 __global__ void __launch_bounds__(32) attentionKernel(
     float const* __restrict__ qkv, float* cacheK, float* cacheV, float* __restrict__ out, int H, int D, int P, int slot)
 {
-    extern __shared__ float scores[]; // slot + 1
+    extern __shared__ float shared[]; // q (D), then the slots' weights (slot + 1)
+    float* qs = shared;
+    float* weights = shared + D;
     letNextKernelLaunch();
     waitPreviousKernel();
     int const b = blockIdx.x / H, h = blockIdx.x % H, lane = threadIdx.x, C = H * D;
@@ -254,43 +278,53 @@ __global__ void __launch_bounds__(32) attentionKernel(
     float* values = cacheV + (static_cast<size_t>(b) * H + h) * P * D;
     for (int d = lane; d < D; d += 32)
     {
+        qs[d] = q[d];
         keys[slot * D + d] = q[C + d];
         values[slot * D + d] = q[2 * C + d];
     }
     __syncwarp();
     float const scale = rsqrtf(static_cast<float>(D));
-    for (int s = 0; s <= slot; ++s)
+    float score[2] = {-INFINITY, -INFINITY}; // slots lane and lane + 32 (patch_size <= 64)
+    for (int i = 0; i < 2; ++i)
     {
-        float dot = 0.0f;
-        for (int d = lane; d < D; d += 32)
+        int const s = lane + 32 * i;
+        if (s <= slot)
         {
-            dot += q[d] * keys[s * D + d];
+            float dot = 0.0f;
+#pragma unroll 16
+            for (int d = 0; d < D; ++d)
+            {
+                dot += qs[d] * keys[s * D + d];
+            }
+            score[i] = dot * scale;
         }
-        dot = warpSum(dot);
-        if (lane == 0)
-        {
-            scores[s] = dot * scale;
-        }
+    }
+    float top = fmaxf(score[0], score[1]);
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
+    }
+    float const e0 = lane <= slot ? __expf(score[0] - top) : 0.0f;
+    float const e1 = lane + 32 <= slot ? __expf(score[1] - top) : 0.0f;
+    float const total = warpSum(e0 + e1);
+    if (lane <= slot)
+    {
+        weights[lane] = e0 / total;
+    }
+    if (lane + 32 <= slot)
+    {
+        weights[lane + 32] = e1 / total;
     }
     __syncwarp();
-    float top = scores[0];
-    for (int s = 1; s <= slot; ++s)
-    {
-        top = fmaxf(top, scores[s]);
-    }
-    float total = 0.0f;
-    for (int s = 0; s <= slot; ++s)
-    {
-        total += __expf(scores[s] - top);
-    }
     for (int d = lane; d < D; d += 32)
     {
         float o = 0.0f;
+#pragma unroll 16
         for (int s = 0; s <= slot; ++s)
         {
-            o += __expf(scores[s] - top) * values[s * D + d];
+            o += weights[s] * values[s * D + d];
         }
-        out[static_cast<size_t>(b) * C + h * D + d] = o / total;
+        out[static_cast<size_t>(b) * C + h * D + d] = o;
     }
 }
 
@@ -445,10 +479,11 @@ public:
                 + ", n_embd " + std::to_string(mEmbd) + ", byte_n_layer " + std::to_string(mLayers)
                 + ", byte_n_head " + std::to_string(mHeads));
         }
-        if (mEmbd % 8 != 0)
+        if (mEmbd % 8 != 0 || mEmbd > kChunk || mPatchSize > 64)
         {
-            throw std::invalid_argument("n_embd " + std::to_string(mEmbd)
-                + " is not a multiple of 8, which the C++ kernels' 16-byte weight loads need; use the Python plugins");
+            throw std::invalid_argument("n_embd " + std::to_string(mEmbd) + ", patch_size " + std::to_string(mPatchSize)
+                + ": the C++ kernels take n_embd a multiple of 8 up to " + std::to_string(kChunk)
+                + " and patch_size up to 64; use the Python plugins");
         }
         int64_t const expected = layout().size();
         if (static_cast<int64_t>(mWeights.size()) != expected)
@@ -671,7 +706,7 @@ private:
                     C, 3 * C, w + l.attnW(layer), w + l.attnB(layer), w + l.ln1W(layer), w + l.ln1B(layer));
                 if (s == cudaSuccess)
                 {
-                    s = launch(attentionKernel, dim3(rows * H), 32, (step + 1) * sizeof(float), stream, buf.qkv,
+                    s = launch(attentionKernel, dim3(rows * H), 32, (D + step + 1) * sizeof(float), stream, buf.qkv,
                         buf.cacheK + layer * cacheLayer, buf.cacheV + layer * cacheLayer, buf.att, H, D, P, step);
                 }
                 if (s == cudaSuccess)
