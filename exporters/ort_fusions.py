@@ -31,6 +31,9 @@ from pathlib import Path
 
 import onnx
 from onnx import helper
+from onnxruntime.transformers.fusion_base import Fusion
+from onnxruntime.transformers.fusion_options import FusionOptions
+from onnxruntime.transformers.optimizer import optimize_model
 
 from bytedeploy.exporters.bundle import GraphSpec
 
@@ -63,9 +66,6 @@ def add_ort_variants(folder: Path, graphs: list[GraphSpec]) -> None:
 def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxruntime.transformers' gpt2 fusions (SkipLayerNormalization, BiasGelu, ...; its attention fusions target
     concatenated pasts and find nothing here), then AttentionFusion; -> the fused model (a copy)."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     for name in ("fusion_base", "onnx_model", "onnx_model_bert", "fusion_skiplayernorm", "onnx_model_gpt2",
                  "fusion_utils", "symbolic_shape_infer"):  # the optimizer's modules log to their own names
@@ -96,13 +96,7 @@ def scalar_constant(onnx_model, name: str) -> float | None:
     return float(value.reshape(-1)[0])
 
 
-def _fusion_base():
-    from onnxruntime.transformers.fusion_base import Fusion
-
-    return Fusion
-
-
-class AttentionFusion(_fusion_base()):
+class AttentionFusion(Fusion):
     """torch's export of scaled_dot_product_attention with a constant scale and an additive mask,
 
         q4 = Transpose(Reshape(q (B, S, C)), 0213)                  (B, H, S, D)
