@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from bytedeploy.bench import machine_name
-from bytedeploy.benchmarks.bitlinear_kernels import copies_for, time_graph
+from bytedeploy.benchmarks.bitlinear_kernels import copies_for, time_eager, time_graph
 from bytedeploy.models import bgpt
 from bytedeploy.models.bitlinear import bitlinear_int, pack_ternary
 from bytedeploy.plugins import build_trt
@@ -43,21 +42,6 @@ BITLINEAR_TOKENS = (1, 3, 16, 64)
 BYTE_DECODER = {"patch_size": 16, "n_embd": 768, "byte_n_layer": 3, "byte_n_head": 12}  # bGPT base
 PATCH_BATCHES = (1, 3, 64)
 GREEDY = SamplingConfig(temperature=0.0)
-
-
-def time_replays(replay, replays: int, warmup: int = 3) -> float:
-    """Median microseconds of replay(), each timed with CUDA events."""
-    for _ in range(warmup):
-        replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return statistics.median(times)
 
 
 def bench_bitlinear(harness: Harness, folder: Path, replays: int, l2_bytes: int) -> list[dict]:
@@ -116,7 +100,7 @@ def bench_patch_decode(harness: Harness, folder: Path, replays: int) -> list[dic
             triton_patch = decoder(feature.cuda()).cpu().numpy()
         (patch,), _ = harness.run("BytePatchDecode", fields, inputs, outputs, folder / f"patch{B}")
         plugin = harness.time("BytePatchDecode", fields, inputs, outputs, folder / f"patch{B}", 1, replays)
-        triton_us = time_replays(decoder.graph.replay, replays)
+        triton_us = time_eager(decoder.graph.replay, replays, warmup=3)
         rows.append({"batch": B, "dtype": "float32", **BYTE_DECODER,
                      "triton_path": "fused Triton kernels" if decoder.fused else "torch (cuBLAS)",
                      "plugin_equals_generate_patch": bool(np.array_equal(patch, reference)),
