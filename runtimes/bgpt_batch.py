@@ -20,7 +20,9 @@ greedy).
 native (CUDA): the batched step is captured as a CUDA graph per (capacity, all rows greedy?, forced bytes?),
 capacities the powers of two up to max_rows. A row keeps its slot for its life, a new row takes the lowest free
 slot, and a step runs the smallest capacity that holds the highest slot in use. At capacity 1 the patch decoder's
-step is runtimes.native's gpt2_step (the fused decode kernels). The prefills run eagerly. step() launches a step and
+step is runtimes.native's gpt2_step (the fused decode kernels). A joining row's prompt goes through the patch
+decoder in a captured graph too, one per prompt length (eager, its few hundred small kernels cost the host several
+milliseconds: most of a lone request's time to first byte). step() launches a step and
 then reads the step before it, so that the host's work (outputs, joins) overlaps the GPU's: a step's output is
 reported by the next call.
 """
@@ -40,6 +42,7 @@ from bytedeploy.runtimes.native import attention_bias, cache_attention, capture,
 from bytedeploy.sampling import SamplingConfig
 
 SPECIAL = bgpt.SPECIAL
+MAX_PREFILL_GRAPHS = 8  # captured prompt prefills kept (one per prompt length), the oldest dropped first
 MASK32 = 0xFFFFFFFF
 
 
@@ -108,6 +111,7 @@ class BatchedBgptSession:
         self.views = {}  # capacity -> (byte decoder's, patch decoder's) CacheViews of the first rows, made once
         self.decoders = {}  # capacity -> the PatchDecoder of all-greedy batches
         self.graphs = {}  # (capacity, all rows greedy?, forced bytes?) -> captured step
+        self.prefills = {}  # prompt patches T -> (prompt (1, T, P), slot (1,), one row's prefill, its graph)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def __len__(self) -> int:
@@ -171,12 +175,16 @@ class BatchedBgptSession:
         their slots: the patch decoder's keys and values, the first patch's feature and forced bytes, sampling."""
         model, T = self.model, len(rows[0].joining[0])
         slots = torch.tensor([row.slot for row in rows], device=self.device)
-        prompts = torch.tensor(np.stack([row.joining[0] for row in rows]), device=self.device)
-        caches = model.patch_decoder.make_caches(len(rows), T)
-        self.feature[slots] = model.encode_patches(prompts, caches, 0)[:, -1]
-        for big, small in zip(self.patch_caches, caches):
-            big.k[slots, :, :T] = small.k
-            big.v[slots, :, :T] = small.v
+        if self.use_graphs:
+            for row in rows:
+                self.prefill_graphed(row.joining[0], row.slot)
+        else:
+            prompts = torch.tensor(np.stack([row.joining[0] for row in rows]), device=self.device)
+            caches = model.patch_decoder.make_caches(len(rows), T)
+            self.feature[slots] = model.encode_patches(prompts, caches, 0)[:, -1]
+            for big, small in zip(self.patch_caches, caches):
+                big.k[slots, :, :T] = small.k
+                big.v[slots, :, :T] = small.v
         self.pos[slots] = T
         self.drawn[slots] = 0
         forced = np.zeros((len(rows), self.cfg.patch_size), dtype=np.int64)
@@ -192,6 +200,33 @@ class BatchedBgptSession:
             buffer[slots] = torch.tensor([getattr(s, name) for s in sampling], dtype=buffer.dtype, device=self.device)
         for row in rows:
             row.joining = None
+
+    def prefill_graphed(self, prompt: np.ndarray, slot: int) -> None:
+        """One row's prompt patches (T, P) through the patch decoder into its slot: its keys and values, its first
+        patch's feature. A CUDA graph per prompt length, captured at its first use (its warm-up run is this row's)."""
+        T = len(prompt)
+        if T not in self.prefills:
+            if len(self.prefills) == MAX_PREFILL_GRAPHS:
+                del self.prefills[next(iter(self.prefills))]
+            prompt_in = torch.empty(1, T, self.cfg.patch_size, dtype=torch.long, device=self.device)
+            slot_in = torch.zeros(1, dtype=torch.long, device=self.device)
+            caches = self.model.patch_decoder.make_caches(1, T)
+
+            def run() -> None:
+                self.feature.index_copy_(0, slot_in, self.model.encode_patches(prompt_in, caches, 0)[:, -1])
+                for big, small in zip(self.patch_caches, caches):
+                    big.k[:, :, :T].index_copy_(0, slot_in, small.k)
+                    big.v[:, :, :T].index_copy_(0, slot_in, small.v)
+
+            self.prefills[T] = (prompt_in, slot_in, run, None)
+        prompt_in, slot_in, run, graph = self.prefills[T]
+        prompt_in.copy_(torch.from_numpy(np.ascontiguousarray(prompt, dtype=np.int64))[None])
+        slot_in.fill_(slot)
+        with torch.cuda.device(self.device):
+            if graph is None:
+                self.prefills[T] = (prompt_in, slot_in, run, capture(run, pool=self.pool))
+            else:
+                graph.replay()
 
     def advance(self, row_id: int, patch: np.ndarray) -> RowUpdate:
         """The row's new patch (its forced bytes left out) into its output; the row leaves when it is done."""

@@ -130,6 +130,14 @@ def test_share_of_the_bound_from_bandwidth_and_launch_floor(tiny_char_gpt2, tmp_
     assert write_plot(result, tmp_path / "plot.png") == f"wrote {tmp_path / 'plot.png'}"
 
 
+def test_busy_time_is_the_union_of_kernel_spans():
+    # two overlapping kernels (a programmatic dependent launch starts before the one before it ends), a gap, one
+    # inside another, and one alone
+    spans = {(0.0, 10.0, "a"), (8.0, 15.0, "b"), (20.0, 30.0, "c"), (22.0, 25.0, "d"), (40.0, 41.0, "e")}
+    assert bounds.busy_us(spans) == 15.0 + 10.0 + 1.0
+    assert bounds.busy_us(set()) == 0.0
+
+
 def test_profile_call_counts_per_step(tiny_char_gpt2):
     """On the CPU the profile has no kernels and no waits for a device: the host's time is the wall time, over the
     call's steps (one per token)."""
@@ -181,4 +189,4 @@ def test_tiny_native_row_gets_a_share_of_its_bound_and_a_profile(tiny_checkpoint
     assert "error" not in profile, profile
     assert profile["kernels_per_step"] >= 1 and profile["top_kernels"]
     assert 0 < profile["host_ms_per_step"] <= profile["wall_ms_per_step"]
-    assert 0 < profile["kernel_ms_per_step"] <= profile["wall_ms_per_step"]
+    assert 0 < profile["busy_ms_per_step"] <= min(profile["kernel_ms_per_step"], profile["wall_ms_per_step"])

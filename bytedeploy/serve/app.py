@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from bytedeploy.serve.api import EXTENSION, ChoiceText, CompletionRequest, gener
 from bytedeploy.serve.scheduler import Job, QueueFull, Scheduler
 
 BEARER = HTTPBearer(auto_error=False)  # Authorization: Bearer KEY, checked by create_app's authorized()
+GIL_SWITCH_INTERVAL_S = 0.001  # see run()
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -337,12 +339,19 @@ class Completion:
                                  headers={"Cache-Control": "no-cache"})
 
     async def events(self, first: list, texts: list[str]):
-        pending = {}  # choice -> task reading its next update
+        pending = {}  # choice -> task reading its next update (several choices)
         try:
             for i, (update, text) in enumerate(zip(first, texts)):
                 yield self.event(i, update, text)
                 if not (update.done or self.texts[i].stopped):
-                    pending[i] = asyncio.ensure_future(self.next_update(i))
+                    pending[i] = None
+            if len(self.jobs) == 1:  # the usual request: its updates in order, no task per update
+                while pending:
+                    update = await self.next_update(0)
+                    yield self.event(0, update, self.take(0, update))
+                    if update.done or self.texts[0].stopped:
+                        pending.clear()
+            pending = {i: asyncio.ensure_future(self.next_update(i)) for i in pending}
             while pending:
                 done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
                 for i in [i for i, task in pending.items() if task in done]:
@@ -361,7 +370,8 @@ class Completion:
             yield f"data: {json.dumps(error_body(500, f'internal error: {type(e).__name__}'))}\n\n"
         finally:
             for task in pending.values():
-                task.cancel()
+                if task is not None:
+                    task.cancel()
             self.cancel()  # finished jobs are left alone; a client gone mid-stream cancels the rest
         yield "data: [DONE]\n\n"
 
@@ -403,5 +413,9 @@ def run(model, config: ServeConfig) -> None:
     import uvicorn
 
     app = create_app(model, config)
+    # The scheduler's thread lets go of the GIL at every wait for the GPU; while the event loop is busy, it gets it
+    # back only when the loop's thread is asked to drop it, once per switch interval (5 ms by default: more than a
+    # bGPT step). uvicorn runs on uvloop and httptools where they are installed (the deploy install has them).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info",
                 timeout_graceful_shutdown=int(config.request_timeout) + 1)

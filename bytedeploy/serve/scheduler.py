@@ -112,6 +112,7 @@ class Scheduler:
 
     def deliver(self, updates: list[RowUpdate]) -> None:
         now = time.perf_counter()
+        sends = collections.defaultdict(list)  # event loop -> [(job, update)]: one wake-up per loop and step
         with self.changed:
             for update in updates:
                 job = self.running.pop(update.row) if update.done else self.running.get(update.row)
@@ -124,8 +125,16 @@ class Scheduler:
                         tokens = max(self.model.count_tokens(update.new), 1)
                         self.metrics.time_per_output_token.observe((now - job.last_update) / tokens)
                     job.last_update = now
-                self.send(job, update)
+                sends[job.loop].append((job, update))
+        for loop, pairs in sends.items():
+            loop.call_soon_threadsafe(put_all, pairs)
 
     @staticmethod
     def send(job: Job, update: RowUpdate) -> None:
         job.loop.call_soon_threadsafe(job.updates.put_nowait, update)
+
+
+def put_all(pairs: list[tuple[Job, RowUpdate]]) -> None:
+    """On the event loop: each update into its job's queue."""
+    for job, update in pairs:
+        job.updates.put_nowait(update)
