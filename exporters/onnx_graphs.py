@@ -225,12 +225,19 @@ def written(caches) -> list[torch.Tensor]:
 
 def take(seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """seq (B, N) at each row's position pos (B,), clamped into the row -> (B, 1)."""
-    return seq.gather(1, pos.clamp(max=seq.size(1) - 1)[:, None])
+    return seq.gather(1, torch.minimum(pos, last_slot(seq))[:, None])
 
 
 def put(seq: torch.Tensor, pos: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """seq (B, N) with token (B,) written at each row's position pos (B,), clamped into the row (ScatterElements)."""
-    return seq.scatter(1, pos.clamp(max=seq.size(1) - 1)[:, None], token[:, None].to(seq.dtype))
+    return seq.scatter(1, torch.minimum(pos, last_slot(seq))[:, None], token[:, None].to(seq.dtype))
+
+
+def last_slot(seq: torch.Tensor) -> torch.Tensor:
+    """N - 1 for each row of seq (B, N), computed on the device. Not seq.size(1) - 1: ONNX Runtime's CUDA provider
+    computes a scalar made from a shape on the CPU and copies it in, and a graph with a copy cannot be captured as
+    a CUDA graph."""
+    return torch.ones_like(seq).sum(1) - 1
 
 
 def advance(pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

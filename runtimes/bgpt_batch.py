@@ -174,12 +174,12 @@ class BatchedBgptSession:
         """Rows whose prompts have the same number of whole patches: bgpt.generate_cached's prefill, batched, into
         their slots: the patch decoder's keys and values, the first patch's feature and forced bytes, sampling."""
         model, T = self.model, len(rows[0].joining[0])
-        slots = torch.tensor([row.slot for row in rows], device=self.device)
+        slots = self.to_device([row.slot for row in rows], torch.long)
         if self.use_graphs:
             for row in rows:
                 self.prefill_graphed(row.joining[0], row.slot)
         else:
-            prompts = torch.tensor(np.stack([row.joining[0] for row in rows]), device=self.device)
+            prompts = self.to_device(np.stack([row.joining[0] for row in rows]), torch.long)
             caches = model.patch_decoder.make_caches(len(rows), T)
             self.feature[slots] = model.encode_patches(prompts, caches, 0)[:, -1]
             for big, small in zip(self.patch_caches, caches):
@@ -192,14 +192,22 @@ class BatchedBgptSession:
             tail = row.joining[1]
             forced[i, :len(tail)] = tail
             row.pos, row.first, row.skip = T, len(tail) > 0, len(tail)
-        self.forced[slots] = torch.from_numpy(forced).to(self.device)
-        self.n_forced[slots] = torch.tensor([row.skip for row in rows], device=self.device)
+        self.forced[slots] = self.to_device(forced, torch.long)
+        self.n_forced[slots] = self.to_device([row.skip for row in rows], torch.long)
         sampling = [row.joining[2] for row in rows]
         for name in ("greedy", "top_k", "top_p", "temperature", "seed"):
             buffer = getattr(self, name)
-            buffer[slots] = torch.tensor([getattr(s, name) for s in sampling], dtype=buffer.dtype, device=self.device)
+            buffer[slots] = self.to_device([getattr(s, name) for s in sampling], buffer.dtype)
         for row in rows:
             row.joining = None
+
+    def to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
+        """Host values on the session's device without waiting for the GPU (a copy from pinned memory, which
+        torch's host allocator keeps until the copy has run): a join must not stall the step in flight."""
+        host = torch.as_tensor(np.asarray(values), dtype=dtype)
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def prefill_graphed(self, prompt: np.ndarray, slot: int) -> None:
         """One row's prompt patches (T, P) through the patch decoder into its slot: its keys and values, its first
@@ -220,7 +228,7 @@ class BatchedBgptSession:
 
             self.prefills[T] = (prompt_in, slot_in, run, None)
         prompt_in, slot_in, run, graph = self.prefills[T]
-        prompt_in.copy_(torch.from_numpy(np.ascontiguousarray(prompt, dtype=np.int64))[None])
+        prompt_in.copy_(self.to_device(np.asarray(prompt)[None], torch.long))
         slot_in.fill_(slot)
         with torch.cuda.device(self.device):
             if graph is None:
