@@ -10,8 +10,9 @@ passed, whichever comes first (requests in flight then finish). A client streams
 tokens are the server's usage counts (the model's unit: bytes for bGPT), time to first token runs from sending the
 request to the first chunk with output, and per-token latency is a request's (last chunk - first chunk) / (tokens -
 its first chunk's tokens), the time per token after the first chunk (a bGPT chunk is a patch of 16 bytes).
-Requests/s and tokens/s are over the level's wall time. Only a server on this machine (localhost) is measured.
-Standard library only.
+Requests/s and tokens/s are over the level's wall time. The clients are threads spread over --processes processes
+(a client parses every chunk: one Python process would become the bottleneck of a fast server). Only a server on
+this machine (localhost) is measured. Standard library only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import multiprocessing
+import os
 import statistics
 import threading
 import time
@@ -77,19 +80,20 @@ def stream_completion(url: str, body: dict, api_key: str | None, unit: str, time
     return Sample(first - start, (last - first) / after_first if after_first > 0 else None, tokens, end - start)
 
 
-def run_level(url: str, clients: int, requests: int, seconds: float, body: dict, api_key: str | None,
-              unit: str) -> dict:
+def run_clients(url: str, clients: int, requests: int, deadline: float, body: dict, api_key: str | None,
+                unit: str) -> tuple[list[Sample], list[str], float, float]:
+    """clients threads of this process, each sending up to requests completions until deadline (time.time()) ->
+    (samples, errors, start, end)."""
     samples: list[Sample] = []
     errors: list[str] = []
     lock = threading.Lock()
-    deadline = time.perf_counter() + seconds
 
     def client() -> None:
         for _ in range(requests):
-            if time.perf_counter() >= deadline:
+            if time.time() >= deadline:
                 return
             try:
-                sample = stream_completion(url, body, api_key, unit, timeout=seconds + 60)
+                sample = stream_completion(url, body, api_key, unit, timeout=deadline - time.time() + 60)
             except Exception as e:  # noqa: BLE001 - counted and reported; the load goes on
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
@@ -98,12 +102,30 @@ def run_level(url: str, clients: int, requests: int, seconds: float, body: dict,
                 samples.append(sample)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
+    start = time.time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    return samples, errors, start, time.time()
+
+
+def run_level(url: str, clients: int, requests: int, seconds: float, body: dict, api_key: str | None,
+              unit: str, processes: int = 1) -> dict:
+    """The clients spread over processes (a client parses every event it gets: one Python process would become
+    the bottleneck of a fast server); the level's wall time runs from the first client's start to the last one's
+    end."""
+    deadline = time.time() + seconds
+    shares = [n for n in (clients // processes + (i < clients % processes) for i in range(processes)) if n]
+    args = [(url, n, requests, deadline, body, api_key, unit) for n in shares]
+    if len(shares) == 1:
+        parts = [run_clients(*args[0])]
+    else:
+        with multiprocessing.get_context("spawn").Pool(len(shares)) as pool:
+            parts = pool.starmap(run_clients, args)
+    samples = [sample for part in parts for sample in part[0]]
+    errors = [error for part in parts for error in part[1]]
+    wall = max(part[3] for part in parts) - min(part[2] for part in parts)
     per_token = [s.per_token for s in samples if s.per_token is not None]
     return {
         "clients": clients, "requests": len(samples), "errors": len(errors), "first_errors": errors[:3],
@@ -173,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=256, help="max_tokens of each completion.")
     parser.add_argument("--prompt", default="import os\n", help="The prompt of each completion.")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy.")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="Client processes per level [default: min(clients, 8, half this machine's cores)].")
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
     parser.add_argument("--plot", type=Path, default=None, help="Write a PNG plot here (needs matplotlib).")
     args = parser.parse_args(argv)
@@ -180,8 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     if host not in LOCAL_HOSTS:
         parser.error(f"--url must be a server on this machine ({', '.join(LOCAL_HOSTS)}), not {host}")
     levels = [int(c) for c in args.clients.split(",") if c.strip()]
-    if not levels or min(levels) < 1 or args.requests < 1 or args.seconds <= 0 or args.max_tokens < 1:
-        parser.error("--clients, --requests, --seconds and --max-tokens must be positive")
+    if (not levels or min(levels) < 1 or args.requests < 1 or args.seconds <= 0 or args.max_tokens < 1
+            or (args.processes is not None and args.processes < 1)):
+        parser.error("--clients, --requests, --seconds, --max-tokens and --processes must be positive")
     url = args.url.rstrip("/")
     ready = get_json(url + "/ready", None)
     unit = {"bgpt": "byte", "bitnet": "byte", "bfn": "token"}.get(ready["family"], "char")
@@ -191,8 +216,10 @@ def main(argv: list[str] | None = None) -> dict:
               "prompt": args.prompt, "temperature": args.temperature, "requests_per_client": args.requests,
               "seconds_per_level": args.seconds, "levels": []}
     for clients in levels:
+        processes = min(clients, args.processes or min(8, max((os.cpu_count() or 2) // 2, 1)))
         run_level(url, clients, 1, args.seconds, body, args.api_key, unit)  # the untimed round
-        level = run_level(url, clients, args.requests, args.seconds, body, args.api_key, unit)
+        level = run_level(url, clients, args.requests, args.seconds, body, args.api_key, unit, processes)
+        level["processes"] = processes
         result["levels"].append(level)
         print(f"{clients:>3} clients: {level['requests']} requests ({level['errors']} errors) in "
               f"{level['seconds']:.1f} s, {level['requests_per_s']:.2f} requests/s, {level['tokens_per_s']:,.0f} "

@@ -417,11 +417,13 @@ def test_serve_load_benchmark(setup, tmp_path):
 
     server = setup[1]["bgpt"]
     result = serve_load.main(["--url", server.url, "--clients", "1,3", "--requests", "2", "--max-tokens", "24",
-                              "--out", str(tmp_path / "load.json"), "--plot", str(tmp_path / "load.png")])
+                              "--processes", "2", "--out", str(tmp_path / "load.json"),
+                              "--plot", str(tmp_path / "load.png")])
     assert json.loads((tmp_path / "load.json").read_text()) == result
     assert result["family"] == "bgpt" and result["unit"] == "byte"
-    for level, clients in zip(result["levels"], (1, 3)):
+    for level, clients in zip(result["levels"], (1, 3)):  # 3 clients: in two processes (2 + 1)
         assert level["clients"] == clients and level["requests"] == 2 * clients and level["errors"] == 0
+        assert level["processes"] == min(clients, 2)
         assert level["tokens"] == 24 * level["requests"] and level["tokens_per_s"] > 0
         assert 0 < level["ttft_p50_ms"] <= level["ttft_p99_ms"] and 0 < level["per_token_p50_ms"]
     try:
@@ -465,3 +467,32 @@ def test_bundles_served_by_the_deploy_install(deploy_venv, tiny_bundles):
     finally:
         for server in servers.values():
             server.stop()
+
+
+def test_a_stream_sends_updates_that_queued_up_as_one_chunk():
+    """Steps that ended while the event loop was busy reach a streaming client as one chunk, not one per step."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from bytedeploy.generation import RowUpdate
+    from bytedeploy.runner import Limits
+    from bytedeploy.serve.api import CompletionRequest
+    from bytedeploy.serve.app import Completion, Metrics
+    from bytedeploy.serve.scheduler import Job
+
+    async def stream() -> list[dict]:
+        model = SimpleNamespace(limits=Limits(64, 64, "byte"), count_tokens=len)
+        scheduler = SimpleNamespace(cancel=lambda job: None)
+        request = GenerateRequest(b"x", 6, 1, SamplingConfig(temperature=0.0), {})
+        job = Job(request, asyncio.get_running_loop())
+        completion = Completion(model, scheduler, Metrics(), CompletionRequest(prompt="x", max_tokens=6, stream=True),
+                                request, [job], "m", time.monotonic() + 10)
+        for update in (RowUpdate(0, b"ab"), RowUpdate(0, b"cd"), RowUpdate(0, b"ef", done=True, output=b"abcdef")):
+            job.updates.put_nowait(update)
+        first = [await completion.next_update(0)]
+        events = [e async for e in completion.events(first, [completion.take(0, first[0])])]
+        return [json.loads(e[len("data: "):]) for e in events if e and "[DONE]" not in e]
+
+    chunks = asyncio.run(stream())
+    assert [c["choices"][0]["text"] for c in chunks] == ["ab", "cdef"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "length"]

@@ -26,10 +26,9 @@ import contextlib
 import json
 import logging
 import secrets
-import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Annotated
 
@@ -47,7 +46,6 @@ from bytedeploy.serve.api import EXTENSION, ChoiceText, CompletionRequest, gener
 from bytedeploy.serve.scheduler import Job, QueueFull, Scheduler
 
 BEARER = HTTPBearer(auto_error=False)  # Authorization: Bearer KEY, checked by create_app's authorized()
-GIL_SWITCH_INTERVAL_S = 0.001  # see run()
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -348,7 +346,14 @@ class Completion:
             if len(self.jobs) == 1:  # the usual request: its updates in order, no task per update
                 while pending:
                     update = await self.next_update(0)
-                    yield self.event(0, update, self.take(0, update))
+                    text = self.take(0, update)
+                    queue = self.jobs[0].updates
+                    while not (update.done or self.texts[0].stopped or queue.empty()):
+                        # steps that ended while the loop was busy: one chunk, fewer events when the server is loaded
+                        more = queue.get_nowait()
+                        text += self.take(0, more)
+                        update = replace(more, new=update.new + more.new)
+                    yield self.event(0, update, text)
                     if update.done or self.texts[0].stopped:
                         pending.clear()
             pending = {i: asyncio.ensure_future(self.next_update(i)) for i in pending}
@@ -413,9 +418,7 @@ def run(model, config: ServeConfig) -> None:
     import uvicorn
 
     app = create_app(model, config)
-    # The scheduler's thread lets go of the GIL at every wait for the GPU; while the event loop is busy, it gets it
-    # back only when the loop's thread is asked to drop it, once per switch interval (5 ms by default: more than a
-    # bGPT step). uvicorn runs on uvloop and httptools where they are installed (the deploy install has them).
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    # uvicorn runs on uvloop and httptools where they are installed (the deploy install has them): its event loop is
+    # the server's busiest thread under load
     uvicorn.run(app, host=config.host, port=config.port, log_level="info",
                 timeout_graceful_shutdown=int(config.request_timeout) + 1)
