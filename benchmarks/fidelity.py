@@ -123,7 +123,7 @@ SCALES = {
                      steps=4, eval_every=2, batch_size=2, lr=2e-3, eval_batches=1),
         "cpu": dict(sizes={"1x64": dict(block_size=64, n_layer=1, n_head=4, n_embd=64, ffn_hidden=176),
                            "2x96": dict(block_size=64, n_layer=2, n_head=4, n_embd=96, ffn_hidden=256)},
-                    first_mb=1.0, steps=100, eval_every=20, batch_size=16, lr=3e-3, eval_batches=4),
+                    first_mb=1.0, steps=3000, eval_every=250, batch_size=16, lr=3e-3, eval_batches=32),
         "gpu": dict(sizes={"small": dict(block_size=512, n_layer=6, n_head=6, n_embd=384, ffn_hidden=1024),
                            "medium": dict(block_size=512, n_layer=8, n_head=8, n_embd=512, ffn_hidden=1376)},
                     first_mb=20.0, steps=1000, eval_every=100, batch_size=32, lr=1.5e-3, eval_batches=16),
