@@ -97,7 +97,7 @@ SCALES = {
         "test": dict(model=dict(n_embd=32, n_layer=1, n_head=2, byte_n_layer=1, byte_n_head=2), num_train=6,
                      num_test=2, n_patches=48, minutes=0.03, checkpoints=(1.0,), batch_size=2, lr=2e-3,
                      chunk_steps=2),
-        "cpu": dict(model=dict(n_embd=128, n_layer=3, n_head=4, byte_n_layer=2, byte_n_head=4), num_train=1200,
+        "cpu": dict(model=dict(n_embd=128, n_layer=3, n_head=4, byte_n_layer=2, byte_n_head=4), num_train=12000,
                     num_test=40, n_patches=48, minutes=9.0, checkpoints=(1 / 8, 1 / 4, 1 / 2, 1.0), batch_size=16,
                     lr=2e-3, chunk_steps=25),
         "gpu": dict(model=dict(n_embd=384, n_layer=6, n_head=6, byte_n_layer=2, byte_n_head=6), num_train=4000,
