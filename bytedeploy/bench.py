@@ -413,8 +413,8 @@ def profile_line(profile: dict) -> str:
         return f"profile: {profile['error']}"
     heaviest = profile["top_kernels"][0]["name"][:40] if profile["top_kernels"] else "-"
     return (f"profile per step: {profile['kernels_per_step']:.1f} kernels, {profile['kernel_ms_per_step']:.3f} ms "
-            f"kernel time ({profile['busy_ms_per_step']:.3f} ms busy), host {profile['host_ms_per_step']:.3f} ms, wall {profile['wall_ms_per_step']:.3f} ms "
-            f"(heaviest: {heaviest})")
+            f"kernel time ({profile['busy_ms_per_step']:.3f} ms busy), host {profile['host_ms_per_step']:.3f} ms, "
+            f"wall {profile['wall_ms_per_step']:.3f} ms (heaviest: {heaviest})")
 
 
 def write_json(result: dict, path: str | Path) -> None:
