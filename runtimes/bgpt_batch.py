@@ -39,10 +39,10 @@ from bytedeploy.generation import GenerateRequest, RowUpdate
 from bytedeploy.models import bgpt
 from bytedeploy.plugins.patch_decode import PatchDecoder
 from bytedeploy.runtimes.native import attention_bias, cache_attention, capture, gpt2_step, step_mask
+from bytedeploy.runtimes.native_bgpt import MAX_PREFILL_GRAPHS
 from bytedeploy.sampling import SamplingConfig
 
 SPECIAL = bgpt.SPECIAL
-MAX_PREFILL_GRAPHS = 8  # captured prompt prefills kept (one per prompt length), the oldest dropped first
 MASK32 = 0xFFFFFFFF
 
 
