@@ -339,24 +339,25 @@ class Completion:
     async def events(self, first: list, texts: list[str]):
         pending = {}  # choice -> task reading its next update (several choices)
         try:
+            running = []  # choices with more to come
             for i, (update, text) in enumerate(zip(first, texts)):
                 yield self.event(i, update, text)
                 if not (update.done or self.texts[i].stopped):
-                    pending[i] = None
+                    running.append(i)
             if len(self.jobs) == 1:  # the usual request: its updates in order, no task per update
-                while pending:
+                queue, finished = self.jobs[0].updates, not running
+                while not finished:
                     update = await self.next_update(0)
                     text = self.take(0, update)
-                    queue = self.jobs[0].updates
                     while not (update.done or self.texts[0].stopped or queue.empty()):
                         # steps that ended while the loop was busy: one chunk, fewer events when the server is loaded
                         more = queue.get_nowait()
                         text += self.take(0, more)
                         update = replace(more, new=update.new + more.new)
                     yield self.event(0, update, text)
-                    if update.done or self.texts[0].stopped:
-                        pending.clear()
-            pending = {i: asyncio.ensure_future(self.next_update(i)) for i in pending}
+                    finished = update.done or self.texts[0].stopped
+            else:
+                pending = {i: asyncio.ensure_future(self.next_update(i)) for i in running}
             while pending:
                 done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
                 for i in [i for i, task in pending.items() if task in done]:
@@ -375,8 +376,7 @@ class Completion:
             yield f"data: {json.dumps(error_body(500, f'internal error: {type(e).__name__}'))}\n\n"
         finally:
             for task in pending.values():
-                if task is not None:
-                    task.cancel()
+                task.cancel()
             self.cancel()  # finished jobs are left alone; a client gone mid-stream cancels the rest
         yield "data: [DONE]\n\n"
 
