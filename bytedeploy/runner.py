@@ -93,28 +93,19 @@ def open_model(path, backend: str | None = None, device: str = "auto", dtype: st
     return CheckpointModel(model.to(getattr(torch, dtype)), cfg, ckpt, backend or "eager")
 
 
-class ModelRunner:
-    """An opened model: family, backend, limits, generate(request), session(max_rows) and its stepwise loop."""
+@dataclass(eq=False)
+class ModelCard:
+    """What is known of an opened model without running it: enough to check and count a request. A ModelRunner is
+    one; card() is a copy without the model, which serve's HTTP process holds while the model runs in its own."""
 
     family: str
-    backend: str
+    label: str  # how the backend is named in reports
     path: Path
     assets: Path
-    config: object  # the family's Config
     limits: Limits
-    label: str  # how the backend is named in reports
-    trained: dict  # what its training run recorded of its data (bGPT's conversion, ...): {} when unknown
 
-    def steps(self, request: GenerateRequest):
-        """The request's stepwise generator (bytedeploy.generation.stepwise) -> GenerateResult when it ends."""
-        raise NotImplementedError
-
-    def generate(self, request: GenerateRequest) -> GenerateResult:
-        return run_steps(self.steps(request))
-
-    def session(self, max_rows: int):
-        """A batch session (the protocol in the module docstring) of at most max_rows rows."""
-        return StepSession(self, max_rows)
+    def card(self) -> ModelCard:
+        return ModelCard(self.family, self.label, self.path, self.assets, self.limits)
 
     def count_tokens(self, data: bytes) -> int:
         """Tokens of the model's unit in data (a prompt or an output)."""
@@ -140,6 +131,26 @@ class ModelRunner:
         from bytedeploy.families.bfn import request_tokenizer
 
         return request_tokenizer(GenerateRequest(options={"assets": str(self.assets)}))
+
+
+class ModelRunner(ModelCard):
+    """An opened model: its card (family, label, limits, ...), backend, generate(request), session(max_rows) and its
+    stepwise loop. Subclasses set the card's fields themselves."""
+
+    backend: str
+    config: object  # the family's Config
+    trained: dict  # what its training run recorded of its data (bGPT's conversion, ...): {} when unknown
+
+    def steps(self, request: GenerateRequest):
+        """The request's stepwise generator (bytedeploy.generation.stepwise) -> GenerateResult when it ends."""
+        raise NotImplementedError
+
+    def generate(self, request: GenerateRequest) -> GenerateResult:
+        return run_steps(self.steps(request))
+
+    def session(self, max_rows: int):
+        """A batch session (the protocol in the module docstring) of at most max_rows rows."""
+        return StepSession(self, max_rows)
 
 
 def whole_call(loop, *args):

@@ -31,7 +31,8 @@ DEPLOY_MODULES = [
     "bytedeploy.registry", "bytedeploy.exporters.bundle", "bytedeploy.runtimes", "bytedeploy.runtimes.ort",
     "bytedeploy.runtimes.trt", "bytedeploy.runtimes.windowed", "bytedeploy.plugins.ort_ops",
     *LOOPS.values(), *(f"bytedeploy.families.{m}" for m in ("bgpt", "bitnet", "sigma_gpt", "bfn", "char_gpt2")),
-    "bytedeploy.runner", "bytedeploy.serve.app", "bytedeploy.serve.command", "bytedeploy.serve.scheduler",
+    "bytedeploy.runner", "bytedeploy.serve.app", "bytedeploy.serve.command", "bytedeploy.serve.metrics",
+    "bytedeploy.serve.scheduler",
     "bytedeploy.runtimes.doctor", "bytedeploy.runtimes.pack", "bytedeploy.runtimes.targets",
 ]
 # Greedy generate flags per tiny bundle (conftest.tiny_bundles), for the bundle and its checkpoint alike.

@@ -41,9 +41,9 @@ CORPUS = "".join(f"def f_{i}(x, y={i % 7}):\n    return x * {i} + y  # value {i 
                  for i in range(300))
 GREEDY = SamplingConfig(temperature=0.0)
 KEY = "test-key"
-# torch cannot be imported in the bundle's server: what the deploy install (no torch) sees
-NO_TORCH = ("import sys; sys.modules['torch'] = None; from bytedeploy.cli import main; sys.argv[0] = 'bytedeploy'; "
-            "main()")
+# first on PYTHONPATH, torch cannot be imported in the bundle's server and its model process: what the deploy install
+# (no torch) sees
+NO_TORCH = "raise ImportError('No module named torch (the deploy install has none)')\n"
 
 
 def randomize(model: torch.nn.Module, std: float) -> torch.nn.Module:
@@ -86,7 +86,7 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, path: Path, *args: str, key: str | None = None,
-                 launcher: tuple = (sys.executable, "-m", "bytedeploy")):
+                 launcher: tuple = (sys.executable, "-m", "bytedeploy"), no_torch: Path | None = None):
         self.key = key
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -95,6 +95,8 @@ class Server:
             argv += ["--api-key", key]
         command = [str(c) for c in (*launcher, *argv)]
         env = dict(os.environ, OMP_NUM_THREADS="1", BYTEDEPLOY_ORT_THREADS="1")
+        if no_torch is not None:  # a folder whose torch.py fails to import
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(no_torch), env.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout: float = 90.0) -> Server:
@@ -156,7 +158,9 @@ def setup(tmp_path_factory):
     # the error paths' server: BFN, whose requests take as long as their n_steps asks
     servers["bfn"] = Server(paths["bfn"], "--max-batch", "1", "--max-queue", "1", "--request-timeout", "1.5",
                             "--max-body", "4096", key=KEY)
-    servers["bundle"] = Server(paths["bundle"], "--max-batch", "4", launcher=(sys.executable, "-c", NO_TORCH))
+    (root / "no-torch").mkdir()
+    (root / "no-torch" / "torch.py").write_text(NO_TORCH)
+    servers["bundle"] = Server(paths["bundle"], "--max-batch", "4", no_torch=root / "no-torch")
     try:
         for server in servers.values():
             server.wait_ready()
@@ -477,7 +481,8 @@ def test_a_stream_sends_updates_that_queued_up_as_one_chunk():
     from bytedeploy.generation import RowUpdate
     from bytedeploy.runner import Limits
     from bytedeploy.serve.api import CompletionRequest
-    from bytedeploy.serve.app import Completion, Metrics
+    from bytedeploy.serve.app import Completion
+    from bytedeploy.serve.metrics import Metrics
     from bytedeploy.serve.scheduler import Job
 
     async def stream() -> list[dict]:

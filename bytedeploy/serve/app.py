@@ -12,10 +12,10 @@
 Errors are OpenAI-style JSON bodies ({"error": {"message", "type", "param", "code"}}), never a stack trace: 400 for
 a bad request (one beyond the model's limits too), 401 without the --api-key's Bearer token (compared in constant
 time; /health, /ready and /metrics stay open), 413 past the body limit (FastAPI's max_body_size), 429 with
-Retry-After when the queue is full, 503 before the model is ready, 504 past the per-request timeout. It binds
-127.0.0.1 unless told otherwise.
-SIGTERM: uvicorn stops accepting connections and waits for the requests in flight to finish, then the scheduler
-stops and the process exits.
+Retry-After when the queue is full, 503 before the model is ready (or once its process has died), 504 past the
+per-request timeout. It binds 127.0.0.1 unless told otherwise. The model runs in a process of its own (scheduler.py).
+SIGTERM: uvicorn stops accepting connections and waits for the requests in flight to finish, then the model process
+stops and the server exits.
 """
 
 from __future__ import annotations
@@ -36,17 +36,17 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.exceptions import HTTPException
 
 from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest
 from bytedeploy.sampling import SamplingConfig
 from bytedeploy.serve.api import EXTENSION, ChoiceText, CompletionRequest, generate_requests
+from bytedeploy.serve.metrics import Metrics
 from bytedeploy.serve.scheduler import Job, QueueFull, Scheduler
 
 BEARER = HTTPBearer(auto_error=False)  # Authorization: Bearer KEY, checked by create_app's authorized()
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 @dataclass
@@ -59,28 +59,6 @@ class ServeConfig:
     request_timeout: float = 300.0  # seconds from arrival to the last byte of the answer
     max_body_bytes: int = 1 << 20
     model_name: str = ""  # the id /v1/models reports [the folder's name]
-
-
-class Metrics:
-    """The server's Prometheus metrics, in a registry of their own."""
-
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("bytedeploy_requests", "HTTP requests to /v1, by status code", ["status"], registry=r)
-        self.tokens = Counter("bytedeploy_generated_tokens", "Tokens generated (the model's unit)", registry=r)
-        self.queue_depth = Gauge("bytedeploy_queue_depth", "Requests waiting to join the batch", registry=r)
-        self.running_batch_size = Gauge("bytedeploy_running_batch_size", "Rows in the running batch", registry=r)
-        self.time_to_first_token = Histogram("bytedeploy_time_to_first_token_seconds",
-                                             "From arrival to the first output", buckets=LATENCY_BUCKETS, registry=r)
-        self.time_per_output_token = Histogram("bytedeploy_time_per_output_token_seconds",
-                                               "Between outputs of a request, per token", buckets=LATENCY_BUCKETS,
-                                               registry=r)
-        # where a request's time to first token goes: waiting to join, then the batch's steps
-        self.queue_wait = Histogram("bytedeploy_queue_wait_seconds", "From arrival to joining the running batch",
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.step_time = Histogram("bytedeploy_step_seconds", "One step of the running batch (bGPT: a patch)",
-                                   buckets=LATENCY_BUCKETS, registry=r)
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
@@ -126,17 +104,15 @@ class CountStatus:
         await self.app(scope, receive, counted_send)
 
 
-def create_app(model, config: ServeConfig) -> CountStatus:
-    """The ASGI app serving model (a bytedeploy.runner.ModelRunner); its scheduler runs while the app does. The
-    FastAPI app sits inside CountStatus, which sees every response, the body limit's 413 included."""
-    metrics = Metrics()
+def create_app(scheduler: Scheduler, config: ServeConfig) -> CountStatus:
+    """The ASGI app serving the scheduler's model (its process started); the app's shutdown stops it. The FastAPI
+    app sits inside CountStatus, which sees every response, the body limit's 413 included."""
+    model, metrics = scheduler.model, scheduler.metrics  # model: a bytedeploy.runner.ModelCard
     name = config.model_name or model.path.name
-    scheduler = Scheduler(model, config.max_batch, config.max_queue, metrics)  # a model that cannot batch says so now
     ready = threading.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
         warmup = asyncio.create_task(warm_up())
         yield
         warmup.cancel()
@@ -189,6 +165,8 @@ def create_app(model, config: ServeConfig) -> CountStatus:
 
     @app.get("/ready")
     async def is_ready():
+        if not scheduler.alive:
+            return error_response(503, "the model process has exited")
         if not ready.is_set():
             return error_response(503, "the model is loading", headers={"Retry-After": "1"})
         return {"status": "ready", "model": name, "family": model.family, "backend": model.label}
@@ -204,6 +182,8 @@ def create_app(model, config: ServeConfig) -> CountStatus:
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request):
+        if not scheduler.alive:
+            return error_response(503, "the model process has exited")
         if not ready.is_set():
             return error_response(503, "the model is loading", headers={"Retry-After": "1"})
         if body.model not in (None, name):
@@ -412,13 +392,16 @@ def check_address(host: str, port: int) -> None:
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
 
 
-def run(model, config: ServeConfig) -> None:
+def run(scheduler: Scheduler, config: ServeConfig) -> None:
     """Serve until SIGTERM or Ctrl-C: uvicorn stops taking connections, lets the requests in flight finish (none
-    outlives its --request-timeout), then the app stops."""
+    outlives its --request-timeout), then the app and the model process stop."""
     import uvicorn
 
-    app = create_app(model, config)
+    app = create_app(scheduler, config)
     # uvicorn runs on uvloop and httptools where they are installed (the deploy install has them): its event loop is
     # the server's busiest thread under load
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info",
-                timeout_graceful_shutdown=int(config.request_timeout) + 1)
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level="info",
+                    timeout_graceful_shutdown=int(config.request_timeout) + 1)
+    finally:
+        scheduler.stop()  # when uvicorn could not start; else the app's shutdown has stopped it

@@ -32,13 +32,14 @@ def serve(path, backend, host, port, max_batch, max_queue, api_key, request_time
     """Serve a checkpoint or bundle over an OpenAI-compatible HTTP API (POST /v1/completions, streaming too),
     batching concurrent requests step by step; /health, /ready and /metrics (Prometheus). Stops on SIGTERM or
     Ctrl-C after the requests in flight finish."""
-    from bytedeploy.runner import open_model
     from bytedeploy.serve.app import ServeConfig, check_address, run
+    from bytedeploy.serve.scheduler import ModelSpec, Scheduler
 
     check_address(host, port)
-    model = open_model(path, backend, device, dtype)
+    scheduler = Scheduler(ModelSpec(str(path), backend, device, dtype), max_batch, max_queue)
+    model = scheduler.model
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it may use it", err=True)
     click.echo(f"serving {model.family} {model.path} on {model.label} at http://{host}:{port}/v1", err=True)
-    run(model, ServeConfig(host, port, max_batch, max_queue, api_key, request_timeout, max_body_bytes,
+    run(scheduler, ServeConfig(host, port, max_batch, max_queue, api_key, request_timeout, max_body_bytes,
                            model_name or ""))
