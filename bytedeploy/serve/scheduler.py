@@ -67,6 +67,8 @@ class Scheduler:
     def __init__(self, spec: ModelSpec, max_batch: int, max_queue: int):
         """Starts the model process and waits while it opens the model: UserError when it cannot."""
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, Metrics()
+        self.lock = threading.Lock()  # over jobs, next_id, alive, stopped
+        self.sending = threading.Lock()  # over commands
         context = multiprocessing.get_context("spawn")  # CUDA does not survive a fork
         self.replies, child_replies = context.Pipe(duplex=False)
         child_commands, self.commands = context.Pipe(duplex=False)
@@ -81,7 +83,8 @@ class Scheduler:
             self.process.join()
             reply = ("failed", f"the model process exited (code {self.process.exitcode}) while opening {spec.path}")
         except BaseException:  # Ctrl-C while loading
-            self.end_process()
+            self.process.kill()
+            self.process.join()
             raise
         if reply[0] == "failed":
             self.end_process()
@@ -89,7 +92,6 @@ class Scheduler:
         self.model = reply[1]  # the model's bytedeploy.runner.ModelCard: family, label, limits, count_tokens
         self.jobs: dict[int, Job] = {}  # submitted, not done and not cancelled
         self.next_id = 0
-        self.lock = threading.Lock()
         self.alive = True  # the model process runs
         self.stopped = False
         self.reader = threading.Thread(target=self.read, name="bytedeploy-updates", daemon=True)
@@ -108,15 +110,25 @@ class Scheduler:
             self.next_id += len(jobs)
             self.jobs.update((job.id, job) for job in jobs)
             self.metrics.queue_depth.set(waiting + len(jobs))
-            self.commands.send(("add", [(job.id, job.request) for job in jobs]))
+        self.send(("add", [(job.id, job.request) for job in jobs]))
         return jobs
 
     def cancel(self, job: Job) -> None:
         """The job leaves the queue or the batch before its next step (a finished job is left alone)."""
+        job.cancelled = True
         with self.lock:
-            job.cancelled = True
-            if self.jobs.pop(job.id, None) is not None and self.alive:
-                self.commands.send(("cancel", job.id))
+            out = self.jobs.pop(job.id, None) is not None
+        if out:
+            self.send(("cancel", job.id))
+
+    def send(self, command: tuple) -> None:
+        """A command to the model process. Never under self.lock: while a long one waits for the model process to
+        read it, the reader thread must go on taking the model process's replies."""
+        with self.sending:
+            try:
+                self.commands.send(command)
+            except OSError:  # the model process is gone: the reader thread fails the jobs
+                pass
 
     def n_waiting(self) -> int:
         return sum(not job.admitted for job in self.jobs.values())
@@ -127,13 +139,13 @@ class Scheduler:
             if self.stopped:
                 return
             self.stopped = True
-            if self.alive:
-                self.commands.send(("stop",))
+        self.send(("stop",))
         self.reader.join(STOP_SECONDS)
         self.end_process()
 
     def end_process(self) -> None:
-        self.commands.close()
+        with self.sending:
+            self.commands.close()
         self.process.join(STOP_SECONDS)
         if self.process.is_alive():
             self.process.kill()
