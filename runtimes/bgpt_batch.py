@@ -185,8 +185,10 @@ class BatchedBgptSession:
             for big, small in zip(self.patch_caches, caches):
                 big.k[slots, :, :T] = small.k
                 big.v[slots, :, :T] = small.v
-        self.pos[slots] = T
-        self.drawn[slots] = 0
+        # index_fill_, not pos[slots] = T: a Python number in an indexed assignment is copied to the device from
+        # pageable memory, which waits for the step in flight (half the serving model process's time on an H100)
+        self.pos.index_fill_(0, slots, T)
+        self.drawn.index_fill_(0, slots, 0)
         forced = np.zeros((len(rows), self.cfg.patch_size), dtype=np.int64)
         for i, row in enumerate(rows):
             tail = row.joining[1]

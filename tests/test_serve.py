@@ -154,7 +154,8 @@ def setup(tmp_path_factory):
     paths = make_checkpoints(root)
     export(paths["char-gpt2"], root / "char-bundle")
     paths["bundle"] = root / "char-bundle"
-    servers = {family: Server(paths[family], "--max-batch", "4") for family in ("bgpt", "sigma-gpt", "bitnet")}
+    servers = {family: Server(paths[family], "--max-batch", "4") for family in ("sigma-gpt", "bitnet")}
+    servers["bgpt"] = Server(paths["bgpt"], "--max-batch", "4", "--workers", "2")  # two HTTP workers, one model
     # the error paths' server: BFN, whose requests take as long as their n_steps asks
     servers["bfn"] = Server(paths["bfn"], "--max-batch", "1", "--max-queue", "1", "--request-timeout", "1.5",
                             "--max-body", "4096", key=KEY)
@@ -267,6 +268,26 @@ def test_concurrent_requests_return_offline_greedy_text(setup):
         got = [answer_bytes(a.json()["choices"][0]) if isinstance(a, httpx.Response) else streamed_bytes(a)
                for a in answers]
         assert got == expected, name
+
+
+def test_two_workers_share_the_model_and_their_metrics_add_up(setup):
+    """bGPT's server has two HTTP worker processes: requests on either reach the one model process, and /metrics
+    (whichever worker answers) counts them all."""
+    paths, servers = setup
+    server = servers["bgpt"]
+    before = server.metrics()
+    bodies = [{"prompt": "import ", "max_tokens": n, "temperature": 0} for n in (5, 9, 14, 20, 31, 40)]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = [r.json() for r in pool.map(server.post, bodies)]
+    assert [answer_bytes(a["choices"][0]) for a in answers] == [offline(paths["bgpt"], b"import ", b["max_tokens"])
+                                                                for b in bodies]
+    after = server.metrics()
+    ok = 'bytedeploy_requests_total{"status": "200"}'
+    assert after[ok] - before.get(ok, 0) == len(bodies)
+    tokens = sum(a["usage"]["completion_tokens"] for a in answers)
+    assert after["bytedeploy_generated_tokens_total"] - before.get("bytedeploy_generated_tokens_total", 0) == tokens
+    assert after["bytedeploy_step_seconds_count"] > before.get("bytedeploy_step_seconds_count", 0)
+    assert after["bytedeploy_running_batch_size"] == 0 and after["bytedeploy_queue_depth"] == 0
 
 
 def test_bundle_served_without_torch_and_sampled_choices(setup):
@@ -489,7 +510,7 @@ def test_a_stream_sends_updates_that_queued_up_as_one_chunk():
         model = SimpleNamespace(limits=Limits(64, 64, "byte"), count_tokens=len)
         scheduler = SimpleNamespace(cancel=lambda job: None)
         request = GenerateRequest(b"x", 6, 1, SamplingConfig(temperature=0.0), {})
-        job = Job(request, asyncio.get_running_loop())
+        job = Job(request)
         completion = Completion(model, scheduler, Metrics(), CompletionRequest(prompt="x", max_tokens=6, stream=True),
                                 request, [job], "m", time.monotonic() + 10)
         for update in (RowUpdate(0, b"ab"), RowUpdate(0, b"cd"), RowUpdate(0, b"ef", done=True, output=b"abcdef")):

@@ -25,26 +25,31 @@ import base64
 import contextlib
 import json
 import logging
+import multiprocessing
+import os
 import secrets
-import threading
+import shutil
+import signal
+import socket
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from http import HTTPStatus
+from multiprocessing.connection import wait
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest, multiprocess
 from starlette.exceptions import HTTPException
 
 from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest
-from bytedeploy.sampling import SamplingConfig
 from bytedeploy.serve.api import EXTENSION, ChoiceText, CompletionRequest, generate_requests
 from bytedeploy.serve.metrics import Metrics
-from bytedeploy.serve.scheduler import Job, QueueFull, Scheduler
+from bytedeploy.serve.scheduler import Job, ModelClient, ModelProcess, ModelSpec, QueueFull
 
 BEARER = HTTPBearer(auto_error=False)  # Authorization: Bearer KEY, checked by create_app's authorized()
 
@@ -59,6 +64,7 @@ class ServeConfig:
     request_timeout: float = 300.0  # seconds from arrival to the last byte of the answer
     max_body_bytes: int = 1 << 20
     model_name: str = ""  # the id /v1/models reports [the folder's name]
+    workers: int = 1  # HTTP worker processes
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
@@ -104,29 +110,19 @@ class CountStatus:
         await self.app(scope, receive, counted_send)
 
 
-def create_app(scheduler: Scheduler, config: ServeConfig) -> CountStatus:
-    """The ASGI app serving the scheduler's model (its process started); the app's shutdown stops it. The FastAPI
-    app sits inside CountStatus, which sees every response, the body limit's 413 included."""
-    model, metrics = scheduler.model, scheduler.metrics  # model: a bytedeploy.runner.ModelCard
+def create_app(client: ModelClient, config: ServeConfig) -> CountStatus:
+    """The ASGI app of one HTTP worker, serving the model (warmed up already) through client. The FastAPI app sits
+    inside CountStatus, which sees every response, the body limit's 413 included."""
+    model, metrics = client.model, client.metrics  # model: a bytedeploy.runner.ModelCard
     name = config.model_name or model.path.name
-    ready = threading.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        warmup = asyncio.create_task(warm_up())
+        client.start()
+        orphaned = asyncio.create_task(stop_when_orphaned())
         yield
-        warmup.cancel()
-        scheduler.stop()
-
-    async def warm_up() -> None:
-        """The model's first request (lazy initialisation, graph capture) before /ready says so."""
-        [job] = scheduler.submit([warmup_request_for(model.family)])
-        while not (update := await job.updates.get()).done:
-            pass
-        if update.error is not None:
-            logging.getLogger("uvicorn.error").error("the model cannot generate, /ready stays 503: %s", update.error)
-        else:
-            ready.set()
+        orphaned.cancel()
+        await client.stop()
 
     app = FastAPI(title="bytedeploy", lifespan=lifespan, max_body_size=config.max_body_bytes)
 
@@ -165,15 +161,13 @@ def create_app(scheduler: Scheduler, config: ServeConfig) -> CountStatus:
 
     @app.get("/ready")
     async def is_ready():
-        if not scheduler.alive:
+        if not client.alive:
             return error_response(503, "the model process has exited")
-        if not ready.is_set():
-            return error_response(503, "the model is loading", headers={"Retry-After": "1"})
         return {"status": "ready", "model": name, "family": model.family, "backend": model.label}
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(every_process(metrics)), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
@@ -182,10 +176,8 @@ def create_app(scheduler: Scheduler, config: ServeConfig) -> CountStatus:
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request):
-        if not scheduler.alive:
+        if not client.alive:
             return error_response(503, "the model process has exited")
-        if not ready.is_set():
-            return error_response(503, "the model is loading", headers={"Retry-After": "1"})
         if body.model not in (None, name):
             return error_response(404, f"model {body.model!r} is not served here; /v1/models lists {name!r}",
                                   "model")
@@ -195,10 +187,10 @@ def create_app(scheduler: Scheduler, config: ServeConfig) -> CountStatus:
         for r in requests:
             model.check(r)
         try:
-            jobs = scheduler.submit(requests)
+            jobs = client.submit(requests)
         except QueueFull as e:
             return error_response(429, f"the server is busy: {e}", headers={"Retry-After": "1"})
-        completion = Completion(model, scheduler, metrics, body, requests[0], jobs, name,
+        completion = Completion(model, client, metrics, body, requests[0], jobs, name,
                                 time.monotonic() + config.request_timeout)
         if body.stream:
             return await completion.stream()
@@ -210,11 +202,11 @@ def create_app(scheduler: Scheduler, config: ServeConfig) -> CountStatus:
 class Completion:
     """One /v1/completions call: its jobs (one per choice), their texts and the response."""
 
-    def __init__(self, model, scheduler: Scheduler, metrics: Metrics, body: CompletionRequest,
+    def __init__(self, model, client: ModelClient, metrics: Metrics, body: CompletionRequest,
                  request: GenerateRequest, jobs: list[Job], name: str, deadline: float):
         from bytedeploy.serve.api import stop_strings
 
-        self.model, self.scheduler, self.metrics, self.body, self.jobs = model, scheduler, metrics, body, jobs
+        self.model, self.client, self.metrics, self.body, self.jobs = model, client, metrics, body, jobs
         self.texts = [ChoiceText(stop_strings(body)) for _ in jobs]
         self.outputs = [bytearray() for _ in jobs]
         self.prompt_tokens = model.count_tokens(request.prompt) + len(request.options.get("input_data") or b"")
@@ -224,7 +216,7 @@ class Completion:
 
     def cancel(self) -> None:
         for job in self.jobs:
-            self.scheduler.cancel(job)
+            self.client.cancel(job)
 
     async def next_update(self, i: int):
         """Choice i's next RowUpdate; TimeoutError past the deadline."""
@@ -237,7 +229,7 @@ class Completion:
         self.outputs[i] += update.new
         text = self.texts[i].feed(update.new, final=update.done)
         if self.texts[i].stopped:
-            self.scheduler.cancel(self.jobs[i])
+            self.client.cancel(self.jobs[i])
         return text
 
     def finish_reason(self, i: int) -> str:
@@ -374,34 +366,96 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def warmup_request_for(family: str) -> GenerateRequest:
-    options = {"n_steps": 1} if family == "bfn" else {}
-    return GenerateRequest(b"", 1, 1, SamplingConfig(temperature=0.0), options)
+def every_process(metrics: Metrics):
+    """A registry of every server process's metrics (prometheus_client's multiprocess mode, which `bytedeploy
+    serve` turns on), or of this process's alone."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return metrics.registry
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
 
 
-def check_address(host: str, port: int) -> None:
-    """UserError now, before the model loads, when the address cannot be bound (in use, not this machine's)."""
-    import socket
+async def stop_when_orphaned() -> None:
+    """A worker whose main process is gone (killed) shuts down as on SIGTERM, rather than hold the port."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
 
+
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now (UserError when the address cannot be: in use, not this machine's), listened
+    on once the workers start."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            s.bind((host, port))
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind((host, port))
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
-def run(scheduler: Scheduler, config: ServeConfig) -> None:
-    """Serve until SIGTERM or Ctrl-C: uvicorn stops taking connections, lets the requests in flight finish (none
-    outlives its --request-timeout), then the app and the model process stop."""
+def run(spec: ModelSpec, config: ServeConfig, sock: socket.socket, echo=print) -> None:
+    """The server's main process: the model process, then config.workers HTTP workers on sock; until SIGTERM or
+    Ctrl-C, when each worker stops taking connections and lets its requests in flight finish (none outlives its
+    --request-timeout), then the model process ends. UserError when the model cannot be opened."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir = tempfile.mkdtemp(prefix="bytedeploy-metrics-")
+    try:
+        model = ModelProcess(spec, config.max_batch, config.workers)
+        echo(f"serving {model.card.family} {model.card.path} on {model.card.label} at "
+             f"http://{config.host}:{config.port}/v1 ({config.workers} HTTP worker{'s' * (config.workers > 1)})")
+        sock.listen(2048)
+        context = multiprocessing.get_context("spawn")
+        queue_share = -(-config.max_queue // config.workers)
+        workers = [context.Process(target=http_worker, name=f"bytedeploy-http-{i}",
+                                   args=(config, model.card, *ends, queue_share, sock))
+                   for i, ends in enumerate(model.worker_ends)]
+        for worker in workers:
+            worker.start()
+        for conn in (c for ends in model.worker_ends for c in ends):
+            conn.close()
+        sock.close()
+        stopped_by = supervise(workers, model.process)
+        model.join()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    if stopped_by is not None:  # as uvicorn does: the signal's own ending, once the server has shut down
+        signal.signal(stopped_by, signal.SIG_DFL)
+        signal.raise_signal(stopped_by)
+
+
+def supervise(workers: list, model_process) -> int | None:
+    """Until SIGTERM or Ctrl-C (or a process's unexpected end): then each worker gets SIGTERM (uvicorn's graceful
+    shutdown) and is waited for. -> the signal that stopped the server."""
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, _: stop.append(number))
+    ended = []
+    while not stop and not ended:
+        ended = wait([p.sentinel for p in (*workers, model_process)], timeout=0.2)
+    if ended:
+        logging.getLogger("uvicorn.error").error("a server process ended (%s); stopping",
+                                                 ", ".join(f"{p.name}: code {p.exitcode}"
+                                                           for p in (*workers, model_process) if not p.is_alive()))
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    for worker in workers:
+        worker.join()
+        multiprocess.mark_process_dead(worker.pid)
+    return stop[0] if stop else None
+
+
+def http_worker(config: ServeConfig, card, commands, replies, max_queue: int, sock: socket.socket) -> None:
+    """One HTTP worker process: uvicorn on the shared socket, its requests to the model process."""
     import uvicorn
 
-    app = create_app(scheduler, config)
+    app = create_app(ModelClient(card, commands, replies, max_queue), config)
     # uvicorn runs on uvloop and httptools where they are installed (the deploy install has them): its event loop is
-    # the server's busiest thread under load
-    try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="info",
-                    timeout_graceful_shutdown=int(config.request_timeout) + 1)
-    finally:
-        scheduler.stop()  # when uvicorn could not start; else the app's shutdown has stopped it
+    # a worker's busiest thread under load
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                           access_log=False, timeout_graceful_shutdown=int(config.request_timeout) + 1))
+    server.run(sockets=[sock])

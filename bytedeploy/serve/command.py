@@ -27,19 +27,20 @@ import click
 @click.option("--device", default="auto", show_default=True, help="A checkpoint's device: cpu, cuda, cuda:N, auto.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="A checkpoint's weights and activations.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="HTTP worker processes, all feeding the one model process (more for many concurrent clients); "
+                   "--max-queue is shared out among them.")
 def serve(path, backend, host, port, max_batch, max_queue, api_key, request_timeout, max_body_bytes, model_name,
-          device, dtype):
+          device, dtype, workers):
     """Serve a checkpoint or bundle over an OpenAI-compatible HTTP API (POST /v1/completions, streaming too),
     batching concurrent requests step by step; /health, /ready and /metrics (Prometheus). Stops on SIGTERM or
     Ctrl-C after the requests in flight finish."""
-    from bytedeploy.serve.app import ServeConfig, check_address, run
-    from bytedeploy.serve.scheduler import ModelSpec, Scheduler
+    from bytedeploy.serve.app import ServeConfig, bind, run
+    from bytedeploy.serve.scheduler import ModelSpec
 
-    check_address(host, port)
-    scheduler = Scheduler(ModelSpec(str(path), backend, device, dtype), max_batch, max_queue)
-    model = scheduler.model
+    sock = bind(host, port)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it may use it", err=True)
-    click.echo(f"serving {model.family} {model.path} on {model.label} at http://{host}:{port}/v1", err=True)
-    run(scheduler, ServeConfig(host, port, max_batch, max_queue, api_key, request_timeout, max_body_bytes,
-                           model_name or ""))
+    run(ModelSpec(str(path), backend, device, dtype),
+        ServeConfig(host, port, max_batch, max_queue, api_key, request_timeout, max_body_bytes, model_name or "",
+                    workers), sock, echo=lambda line: click.echo(line, err=True))

@@ -1,4 +1,6 @@
-"""The server's Prometheus metrics (GET /metrics)."""
+"""The server's Prometheus metrics (GET /metrics). `bytedeploy serve` runs them in prometheus_client's multiprocess
+mode: each process (HTTP workers, model process) records its own, /metrics adds them up. The model process records
+the steps, the batch size and the queue wait, a worker its requests, tokens, queue depth and latencies."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ class Metrics:
         r = self.registry
         self.requests = Counter("bytedeploy_requests", "HTTP requests to /v1, by status code", ["status"], registry=r)
         self.tokens = Counter("bytedeploy_generated_tokens", "Tokens generated (the model's unit)", registry=r)
-        self.queue_depth = Gauge("bytedeploy_queue_depth", "Requests waiting to join the batch", registry=r)
-        self.running_batch_size = Gauge("bytedeploy_running_batch_size", "Rows in the running batch", registry=r)
+        self.queue_depth = Gauge("bytedeploy_queue_depth", "Requests waiting to join the batch", registry=r,
+                                 multiprocess_mode="livesum")
+        self.running_batch_size = Gauge("bytedeploy_running_batch_size", "Rows in the running batch", registry=r,
+                                        multiprocess_mode="mostrecent")
         self.time_to_first_token = Histogram("bytedeploy_time_to_first_token_seconds",
                                              "From arrival to the first output", buckets=LATENCY_BUCKETS, registry=r)
         self.time_per_output_token = Histogram("bytedeploy_time_per_output_token_seconds",
