@@ -126,7 +126,8 @@ def create_app(client: ModelClient, config: ServeConfig) -> CountStatus:
 
     app = FastAPI(title="bytedeploy", lifespan=lifespan, max_body_size=config.max_body_bytes)
 
-    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+    async def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        # async: FastAPI runs a plain def dependency in its thread pool, a thread hop on every request
         if config.api_key is None:
             return
         given = credentials.credentials.encode() if credentials else b""
