@@ -13,6 +13,7 @@ import base64
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -476,6 +477,23 @@ def test_sigterm_lets_a_stream_in_flight_finish(setup):
     assert server.process.wait(30) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health", timeout=2)
+
+
+def test_a_server_whose_model_process_dies_stops_with_one_error_line(setup):
+    """The model process killed: the workers are stopped and the command exits 1 with one Error line."""
+    paths, _ = setup
+    server = Server(paths["bundle"], "--max-batch", "2").wait_ready()
+    try:
+        while "model process" not in (line := server.process.stdout.readline()):
+            assert line, "the server did not name its model process"
+        os.kill(int(re.search(r"model process (\d+)", line).group(1)), signal.SIGKILL)
+        assert server.process.wait(30) == 1
+        errors = [line for line in server.process.stdout.read().splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and "bytedeploy-model (exit code -9) ended on its own" in errors[0]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/health", timeout=2)
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow

@@ -24,7 +24,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import logging
 import multiprocessing
 import os
 import secrets
@@ -49,7 +48,7 @@ from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest
 from bytedeploy.serve.api import EXTENSION, ChoiceText, CompletionRequest, generate_requests
 from bytedeploy.serve.metrics import Metrics
-from bytedeploy.serve.scheduler import Job, ModelClient, ModelProcess, ModelSpec, QueueFull
+from bytedeploy.serve.scheduler import STOP_SECONDS, Job, ModelClient, ModelProcess, ModelSpec, QueueFull
 
 BEARER = HTTPBearer(auto_error=False)  # Authorization: Bearer KEY, checked by create_app's authorized()
 
@@ -402,12 +401,15 @@ def bind(host: str, port: int) -> socket.socket:
 def run(spec: ModelSpec, config: ServeConfig, sock: socket.socket, echo=print) -> None:
     """The server's main process: the model process, then config.workers HTTP workers on sock; until SIGTERM or
     Ctrl-C, when each worker stops taking connections and lets its requests in flight finish (none outlives its
-    --request-timeout), then the model process ends. UserError when the model cannot be opened."""
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir = tempfile.mkdtemp(prefix="bytedeploy-metrics-")
+    --request-timeout), then the model process ends. UserError when the model cannot be opened, or when a server
+    process ends on its own (the others are stopped first)."""
+    metrics_dir = tempfile.mkdtemp(prefix="bytedeploy-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the processes started below
     try:
         model = ModelProcess(spec, config.max_batch, config.workers)
         echo(f"serving {model.card.family} {model.card.path} on {model.card.label} at "
-             f"http://{config.host}:{config.port}/v1 ({config.workers} HTTP worker{'s' * (config.workers > 1)})")
+             f"http://{config.host}:{config.port}/v1 ({config.workers} HTTP worker{'s' * (config.workers > 1)}, "
+             f"model process {model.process.pid})")
         sock.listen(2048)
         context = multiprocessing.get_context("spawn")
         queue_share = -(-config.max_queue // config.workers)
@@ -419,35 +421,39 @@ def run(spec: ModelSpec, config: ServeConfig, sock: socket.socket, echo=print) -
         for conn in (c for ends in model.worker_ends for c in ends):
             conn.close()
         sock.close()
-        stopped_by = supervise(workers, model.process)
+        stopped_by, ended = supervise(workers, model.process)
         model.join()
     finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    if ended:
+        raise UserError(f"the server stopped: {ended} ended on its own")
     if stopped_by is not None:  # as uvicorn does: the signal's own ending, once the server has shut down
         signal.signal(stopped_by, signal.SIG_DFL)
         signal.raise_signal(stopped_by)
 
 
-def supervise(workers: list, model_process) -> int | None:
-    """Until SIGTERM or Ctrl-C (or a process's unexpected end): then each worker gets SIGTERM (uvicorn's graceful
-    shutdown) and is waited for. -> the signal that stopped the server."""
+def supervise(workers: list, model_process) -> tuple[int | None, str]:
+    """Until SIGTERM or Ctrl-C, or a process's end on its own: then each worker gets SIGTERM (uvicorn's graceful
+    shutdown) and is waited for. -> (the signal that stopped the server, the processes that ended on their own)."""
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda number, _: stop.append(number))
-    ended = []
-    while not stop and not ended:
-        ended = wait([p.sentinel for p in (*workers, model_process)], timeout=0.2)
-    if ended:
-        logging.getLogger("uvicorn.error").error("a server process ended (%s); stopping",
-                                                 ", ".join(f"{p.name}: code {p.exitcode}"
-                                                           for p in (*workers, model_process) if not p.is_alive()))
+    processes = (*workers, model_process)
+    fired = []
+    while not stop and not (fired := wait([p.sentinel for p in processes], timeout=0.2)):
+        pass
+    gone = [p for p in processes if p.sentinel in fired]
+    for p in gone:  # its sentinel fires as its files close, a moment before its exit code is there
+        p.join(STOP_SECONDS)
+    ended = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in gone)
     for worker in workers:
         if worker.is_alive():
             worker.terminate()
     for worker in workers:
         worker.join()
         multiprocess.mark_process_dead(worker.pid)
-    return stop[0] if stop else None
+    return (stop[0] if stop else None), ended
 
 
 def http_worker(config: ServeConfig, card, commands, replies, max_queue: int, sock: socket.socket) -> None:

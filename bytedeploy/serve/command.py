@@ -33,8 +33,9 @@ import click
 def serve(path, backend, host, port, max_batch, max_queue, api_key, request_timeout, max_body_bytes, model_name,
           device, dtype, workers):
     """Serve a checkpoint or bundle over an OpenAI-compatible HTTP API (POST /v1/completions, streaming too),
-    batching concurrent requests step by step; /health, /ready and /metrics (Prometheus). Stops on SIGTERM or
-    Ctrl-C after the requests in flight finish."""
+    batching concurrent requests step by step; /health, /ready and /metrics (Prometheus). The model runs in a
+    process of its own, fed by the HTTP worker processes. Stops on SIGTERM or Ctrl-C after the requests in flight
+    finish. No per-request access log (it costs the event loop under load): /metrics counts requests by status."""
     from bytedeploy.serve.app import ServeConfig, bind, run
     from bytedeploy.serve.scheduler import ModelSpec
 
