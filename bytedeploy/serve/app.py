@@ -5,17 +5,18 @@
                            options in the "bytedeploy" field (serve/api.py)
     GET  /v1/models        the one model served
     GET  /health           200 while the server is up
-    GET  /ready            200 once the model is loaded and warmed (its first request done), else 503
+    GET  /ready            200 while the model (loaded and warmed before any worker serves) runs, else 503
     GET  /metrics          Prometheus: requests by status, tokens generated, queue depth, running batch size,
                            time to first token and per-token latency histograms
 
 Errors are OpenAI-style JSON bodies ({"error": {"message", "type", "param", "code"}}), never a stack trace: 400 for
 a bad request (one beyond the model's limits too), 401 without the --api-key's Bearer token (compared in constant
 time; /health, /ready and /metrics stay open), 413 past the body limit (FastAPI's max_body_size), 429 with
-Retry-After when the queue is full, 503 before the model is ready (or once its process has died), 504 past the
-per-request timeout. It binds 127.0.0.1 unless told otherwise. The model runs in a process of its own (scheduler.py).
-SIGTERM: uvicorn stops accepting connections and waits for the requests in flight to finish, then the model process
-stops and the server exits.
+Retry-After when the queue is full, 503 once the model's process has died (workers start once it is warm), 504
+past the per-request timeout. It binds 127.0.0.1 unless told otherwise.
+Processes: the main one (run: starts the others, waits for a signal), the model process (scheduler.py) and
+--workers HTTP workers (uvicorn on the main process's socket). SIGTERM or Ctrl-C: each worker stops accepting
+connections and waits for its requests in flight to finish, then the model process stops and the server exits.
 """
 
 from __future__ import annotations
@@ -387,12 +388,15 @@ async def stop_when_orphaned() -> None:
 def bind(host: str, port: int) -> socket.socket:
     """The server's socket, bound now (UserError when the address cannot be: in use, not this machine's), listened
     on once the workers start."""
+    sock = None
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         sock.bind((host, port))
     except OSError as e:
+        if sock is not None:
+            sock.close()
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock

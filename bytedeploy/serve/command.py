@@ -42,6 +42,7 @@ def serve(path, backend, host, port, max_batch, max_queue, api_key, request_time
     sock = bind(host, port)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it may use it", err=True)
-    run(ModelSpec(str(path), backend, device, dtype),
-        ServeConfig(host, port, max_batch, max_queue, api_key, request_timeout, max_body_bytes, model_name or "",
-                    workers), sock, echo=lambda line: click.echo(line, err=True))
+    with sock:  # run() closes it here once the workers have it; an error before that closes it now
+        run(ModelSpec(str(path), backend, device, dtype),
+            ServeConfig(host, port, max_batch, max_queue, api_key, request_timeout, max_body_bytes,
+                        model_name or "", workers), sock, echo=lambda line: click.echo(line, err=True))
