@@ -59,7 +59,6 @@ class Job:
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)  # RowUpdates
     submitted: float = field(default_factory=time.monotonic)  # one clock in every process (CLOCK_MONOTONIC)
     admitted: bool = False  # it joined the batch
-    cancelled: bool = False
     last_update: float | None = None  # when it last received output (per-token latency)
 
 
@@ -144,7 +143,6 @@ class ModelClient:
 
     def cancel(self, job: Job) -> None:
         """The job leaves the queue or the batch before its next step (a finished job is left alone)."""
-        job.cancelled = True
         if self.jobs.pop(job.id, None) is not None:
             self.send(("cancel", job.id))
 
