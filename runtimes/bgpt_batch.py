@@ -1,13 +1,16 @@
 """Continuous batching for a bGPT checkpoint (eager and native backends): every row's next patch in one batched
 call, each row at its own patch position. The session protocol is bytedeploy.runner's.
 
-A request joins at the end of a step: its prompt's whole patches go through the patch decoder (one batched prefill
-for the requests of a step with prompts of the same length) into its slot of the batch's KV caches. From the next
-step on it is a row like the others: each step decodes one patch for every row, the byte-level decoder's steps for
-all rows in lockstep (it restarts at every patch, so rows never differ in byte position; a row's first patch begins
-with its prompt's partial last patch, forced bytes), then the patch-level decoder's step on the new patches writes
-each row's keys at the row's own position and attends over the row's own past (a per-row mask). A row leaves when
-it emits the end mark (256), has its max_new bytes, or reaches the context's end, as in bgpt.generate_cached.
+A step takes every row's input patch, the patch it made at the step before, through the patch-level decoder (each
+row's keys written at the row's own position, attending over the row's own past: a per-row mask) and decodes the
+row's next patch from the feature that comes out: the byte-level decoder's steps for all rows in lockstep (it
+restarts at every patch, so rows never differ in byte position; a row's first patch begins with its prompt's
+partial last patch, forced bytes). A request joins at the end of a step: its prompt's last whole patch becomes its
+input patch, and the patches before it, if any, go through the patch decoder into its slot of the batch's KV caches
+(one batched prefill for the requests of a step with prompts of the same length); most prompts shorter than a patch
+are the extension's patch alone and need no prefill. A row leaves when it emits the end mark (256), has its max_new
+bytes, or reaches the context's end, as in bgpt.generate_cached; it is in no step after the one that makes its last
+possible patch.
 
 Sampling: each row keeps its own settings and seed. A greedy row takes the argmax, so its output equals generate()'s
 (up to the float rounding of batched kernels, which leaves tokens unchanged unless two logits tie). A sampled row
@@ -20,9 +23,8 @@ greedy).
 native (CUDA): the batched step is captured as a CUDA graph per (capacity, all rows greedy?, forced bytes?),
 capacities the powers of two up to max_rows. A row keeps its slot for its life, a new row takes the lowest free
 slot, and a step runs the smallest capacity that holds the highest slot in use. At capacity 1 the patch decoder's
-step is runtimes.native's gpt2_step (the fused decode kernels). A joining row's prompt goes through the patch
-decoder in a captured graph too, one per prompt length (eager, its few hundred small kernels cost the host several
-milliseconds: most of a lone request's time to first byte). step() launches a step and
+step is runtimes.native's gpt2_step (the fused decode kernels). A joining row's prefill is a captured graph too, one
+per prompt length (eager, its few hundred small kernels cost the host several milliseconds). step() launches a step and
 then reads the step before it, so that the host's work (outputs, joins) overlaps the GPU's: a step's output is
 reported by the next call.
 """
@@ -61,7 +63,7 @@ class Row:
     patches_left: int  # patches it may still generate (bgpt.plan_generation's max_patches, less those made)
     greedy: bool
     joining: tuple | None = None  # (prompt patches, forced tail, sampling) until its prefill, at the end of a step
-    pos: int = 0  # the patch decoder's slot of its next patch (the device's pos[slot], known here without a sync)
+    to_launch: int = 0  # steps it is still in: patches_left less those in flight
     first: bool = False  # its first patch, which begins with forced bytes, is not launched yet
     skip: int = 0  # forced bytes in front of its first patch's results (its prompt's partial last patch)
     output: bytearray = field(default_factory=bytearray)
@@ -82,14 +84,13 @@ class BatchedBgptSession:
         if cfg.task != "generate":
             raise UserError("this checkpoint is a bGPT classifier; it cannot generate")
         self.model, self.cfg, self.max_rows = model, cfg, max_rows
-        device, dtype = model.byte_wte.weight.device, model.byte_wte.weight.dtype
+        device = model.byte_wte.weight.device
         self.device, self.use_graphs = device, runner.backend == "native"
         N, P, R = cfg.n_patches, cfg.patch_size, max_rows
         self.patch_caches = model.patch_decoder.make_caches(R, N)
         self.byte_caches = model.byte_decoder.make_caches(R, P)
-        self.feature = torch.zeros(R, cfg.n_embd, dtype=dtype, device=device)
-        self.pos = torch.zeros(R, dtype=torch.long, device=device)  # each row's slot for its next patch
-        self.patch = torch.full((R, P), SPECIAL, dtype=torch.long, device=device)
+        self.pos = torch.zeros(R, dtype=torch.long, device=device)  # each row's slot for its input patch
+        self.patch = torch.full((R, P), SPECIAL, dtype=torch.long, device=device)  # a step's input, then its output
         self.forced = torch.zeros(R, P, dtype=torch.long, device=device)  # bytes that begin a row's first patch
         self.n_forced = torch.zeros(R, dtype=torch.long, device=device)
         # per-row sampling: settings, seed and the count of bytes drawn (draw_rows' counter)
@@ -111,7 +112,7 @@ class BatchedBgptSession:
         self.views = {}  # capacity -> (byte decoder's, patch decoder's) CacheViews of the first rows, made once
         self.decoders = {}  # capacity -> the PatchDecoder of all-greedy batches
         self.graphs = {}  # (capacity, all rows greedy?, forced bytes?) -> captured step
-        self.prefills = {}  # prompt patches T -> (prompt (1, T, P), slot (1,), one row's prefill, its graph)
+        self.prefills = {}  # prefilled patches T -> (prompt (1, T, P), slot (1,), one row's prefill, its graph)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def __len__(self) -> int:
@@ -126,7 +127,7 @@ class BatchedBgptSession:
             raise RuntimeError(f"the session is full ({self.max_rows} rows)")
         row_id, self.next_row = self.next_row, self.next_row + 1
         self.rows[row_id] = Row(slot, request.max_new, max_patches, request.sampling.greedy,
-                                joining=(prompt, tail, request.sampling))
+                                joining=(prompt, tail, request.sampling), to_launch=max_patches)
         return row_id
 
     @torch.no_grad()
@@ -143,17 +144,19 @@ class BatchedBgptSession:
             if row.joining is not None:
                 by_length.setdefault(len(row.joining[0]), []).append(row)
         for rows in by_length.values():
-            self.prefill(rows)
+            self.join(rows)
         return updates
 
     def launch(self) -> Launched | None:
-        rows = [(row_id, row) for row_id, row in self.rows.items() if row.joining is None]
+        """The step of every row that has joined and may make another patch (a row whose last possible patch is in
+        flight stays out: no step is spent on it while its end is read)."""
+        rows = [(row_id, row) for row_id, row in self.rows.items() if row.joining is None and row.to_launch > 0]
         if not rows:
             return None
         capacity = self.capacity(max(row.slot for _, row in rows) + 1)
         self.run_step(capacity, all(row.greedy for _, row in rows), any(row.first for _, row in rows))
         for _, row in rows:
-            row.first = False
+            row.first, row.to_launch = False, row.to_launch - 1
         patches = self.host[0][:capacity]
         self.host.reverse()
         patches.copy_(self.patch[:capacity], non_blocking=True)
@@ -170,30 +173,24 @@ class BatchedBgptSession:
         patches = launched.patches.numpy()
         return [self.advance(row_id, patches[slot]) for row_id, slot in launched.rows if row_id in self.rows]
 
-    def prefill(self, rows: list[Row]) -> None:
-        """Rows whose prompts have the same number of whole patches: bgpt.generate_cached's prefill, batched, into
-        their slots: the patch decoder's keys and values, the first patch's feature and forced bytes, sampling."""
-        model, T = self.model, len(rows[0].joining[0])
+    def join(self, rows: list[Row]) -> None:
+        """Rows whose prompts have the same number T of whole patches join: the prompt's last patch is the row's input
+        patch at slot T - 1 and the T - 1 before it are prefilled into their slots of the patch decoder's caches
+        (bgpt.generate_cached's prefill, batched); the first patch's forced bytes and the row's sampling settings."""
+        T = len(rows[0].joining[0])
         slots = self.to_device([row.slot for row in rows], torch.long)
-        if self.use_graphs:
-            for row in rows:
-                self.prefill_graphed(row.joining[0], row.slot)
-        else:
-            prompts = self.to_device(np.stack([row.joining[0] for row in rows]), torch.long)
-            caches = model.patch_decoder.make_caches(len(rows), T)
-            self.feature[slots] = model.encode_patches(prompts, caches, 0)[:, -1]
-            for big, small in zip(self.patch_caches, caches):
-                big.k[slots, :, :T] = small.k
-                big.v[slots, :, :T] = small.v
+        if T > 1:
+            self.prefill(rows, T - 1, slots)
+        self.patch[slots] = self.to_device(np.stack([row.joining[0][-1] for row in rows]), torch.long)
         # index_fill_, not pos[slots] = T: a Python number in an indexed assignment is copied to the device from
         # pageable memory, which waits for the step in flight (half the serving model process's time on an H100)
-        self.pos.index_fill_(0, slots, T)
+        self.pos.index_fill_(0, slots, T - 1)
         self.drawn.index_fill_(0, slots, 0)
         forced = np.zeros((len(rows), self.cfg.patch_size), dtype=np.int64)
         for i, row in enumerate(rows):
             tail = row.joining[1]
             forced[i, :len(tail)] = tail
-            row.pos, row.first, row.skip = T, len(tail) > 0, len(tail)
+            row.first, row.skip = len(tail) > 0, len(tail)
         self.forced[slots] = self.to_device(forced, torch.long)
         self.n_forced[slots] = self.to_device([row.skip for row in rows], torch.long)
         sampling = [row.joining[2] for row in rows]
@@ -202,6 +199,19 @@ class BatchedBgptSession:
             buffer[slots] = self.to_device([getattr(s, name) for s in sampling], buffer.dtype)
         for row in rows:
             row.joining = None
+
+    def prefill(self, rows: list[Row], T: int, slots: torch.Tensor) -> None:
+        """The rows' first T prompt patches through the patch decoder into slots 0..T-1 of their caches."""
+        if self.use_graphs:
+            for row in rows:
+                self.prefill_graphed(row.joining[0][:T], row.slot)
+            return
+        prompts = self.to_device(np.stack([row.joining[0][:T] for row in rows]), torch.long)
+        caches = self.model.patch_decoder.make_caches(len(rows), T)
+        self.model.encode_patches(prompts, caches, 0)
+        for big, small in zip(self.patch_caches, caches):
+            big.k[slots, :, :T] = small.k
+            big.v[slots, :, :T] = small.v
 
     def to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
         """Host values on the session's device without waiting for the GPU (a copy from pinned memory, which
@@ -212,8 +222,8 @@ class BatchedBgptSession:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     def prefill_graphed(self, prompt: np.ndarray, slot: int) -> None:
-        """One row's prompt patches (T, P) through the patch decoder into its slot: its keys and values, its first
-        patch's feature. A CUDA graph per prompt length, captured at its first use (its warm-up run is this row's)."""
+        """One row's prompt patches (T, P) through the patch decoder into its slot's keys and values. A CUDA graph per
+        prompt length, captured at its first use (its warm-up run is this row's)."""
         T = len(prompt)
         if T not in self.prefills:
             if len(self.prefills) == MAX_PREFILL_GRAPHS:
@@ -223,7 +233,7 @@ class BatchedBgptSession:
             caches = self.model.patch_decoder.make_caches(1, T)
 
             def run() -> None:
-                self.feature.index_copy_(0, slot_in, self.model.encode_patches(prompt_in, caches, 0)[:, -1])
+                self.model.encode_patches(prompt_in, caches, 0)
                 for big, small in zip(self.patch_caches, caches):
                     big.k[:, :, :T].index_copy_(0, slot_in, small.k)
                     big.v[:, :, :T].index_copy_(0, slot_in, small.v)
@@ -248,9 +258,8 @@ class BatchedBgptSession:
         if row.max_new:
             new = new[:row.max_new - len(row.output)]
         row.output += bytes(new.astype(np.uint8).tolist())
-        row.patches_left, row.pos = row.patches_left - 1, row.pos + 1
-        done = (len(end) or row.patches_left <= 0 or row.pos >= self.cfg.n_patches
-                or 0 < row.max_new <= len(row.output))
+        row.patches_left -= 1  # plan_generation's budget ends at the context's end too
+        done = len(end) or row.patches_left <= 0 or 0 < row.max_new <= len(row.output)
         if done:
             del self.rows[row_id]
         return RowUpdate(row_id, bytes(row.output[before:]), done=bool(done),
@@ -282,29 +291,29 @@ class BatchedBgptSession:
                 self.graphs[key] = capture(lambda: self.patch_step(*key), pool=self.pool)
 
     def patch_step(self, capacity: int, greedy: bool, forced: bool) -> None:
-        """One patch for rows [0, capacity) and the patch decoder's step on it, each row at its own position. When
-        every row is greedy and none has forced bytes the patch is PatchDecoder's (the native runtime's byte loop:
-        its fused kernels where they apply), else sample_patch's, with each row's forced bytes and settings."""
+        """For rows [0, capacity), each at its own position: the patch decoder's step on the input patch, then the
+        new patch from its feature. When every row is greedy and none has forced bytes the patch is PatchDecoder's
+        (the native runtime's byte loop: its fused kernels where they apply), else sample_patch's, with each row's
+        forced bytes and settings."""
         model, cfg, C = self.model, self.cfg, capacity
         byte_caches, patch_caches = self.views[C]
+        slots = self.pos[:C].clamp(max=cfg.n_patches - 1)  # an empty slot's keeps counting: kept in bounds
+        feature = rows_step(model.patch_decoder, model.embed_patches(self.patch[:C, None]), patch_caches, slots,
+                            self.positions)[:, -1]
+        self.pos[:C] += 1
         if greedy and not forced:
             decoder = self.decoders[C]
-            decoder.feature.copy_(self.feature[:C])
+            decoder.feature.copy_(feature)
             decoder.decode()
             self.patch[:C] = decoder.patch
         else:
-            self.sample_patch(C, byte_caches, greedy)
-        slots = self.pos[:C].clamp(max=cfg.n_patches - 1)  # a finished row's past the end: kept in bounds
-        h = rows_step(model.patch_decoder, model.embed_patches(self.patch[:C, None]), patch_caches, slots,
-                      self.positions)
-        self.feature[:C] = h[:, -1]
-        self.pos[:C] += 1
+            self.sample_patch(C, feature, byte_caches, greedy)
 
-    def sample_patch(self, C: int, byte_caches, greedy: bool) -> None:
+    def sample_patch(self, C: int, feature: torch.Tensor, byte_caches, greedy: bool) -> None:
         """PatchDecoder.decode's byte loop with each row's forced bytes, sampling settings and generator; greedy:
         every row is, the argmax alone."""
         model = self.model
-        x = self.feature[:C, None]
+        x = feature[:, None]
         seen = torch.zeros(C, dtype=torch.bool, device=self.device)
         for i in range(self.cfg.patch_size):
             h = gpt2_step(model.byte_decoder, x, byte_caches, self.byte_slots[i], self.byte_masks[i])

@@ -97,6 +97,39 @@ def test_a_cancelled_row_frees_its_slot(checkpoint):
     assert run_session(session, [request], [0])[0] == model.generate(request).outputs[0]
 
 
+def test_no_step_is_spent_on_a_row_after_its_last_possible_patch(checkpoint, monkeypatch):
+    """A prompt shorter than a patch joins without a prefill (its extension patch is its first step's input); a row
+    of k patches is in k steps, though its end is read one step() later; a longer prompt's earlier patches are
+    prefilled once."""
+    model = open_model(checkpoint, "eager", device="cpu")
+    session = model.session(2)
+    calls = {"run_step": 0, "prefill": 0}
+
+    def counting(name):
+        original = getattr(session, name)
+
+        def counted(*args):
+            calls[name] += 1
+            return original(*args)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(session, name, counting(name))
+    request = GenerateRequest(b"abc", 3 * 8 - 3, 1, GREEDY, {})  # patches of 8: the tail and 21 bytes fill 3
+    expected = model.generate(request).outputs[0]
+    assert len(expected) == 21  # no end mark before max_new
+    session.add(request)
+    updates, n_calls = [], 0
+    while not any(u.done for u in updates):
+        updates = session.step()
+        n_calls += 1
+    assert updates[0].output == expected
+    assert (n_calls, calls["run_step"], calls["prefill"]) == (5, 3, 0)  # join, 3 steps, the last one's read
+    request = GenerateRequest(b"0123456789abcdef!", 8, 1, GREEDY, {})  # two whole patches and a tail
+    assert run_session(session, [request], [0])[0] == model.generate(request).outputs[0]
+    assert calls["prefill"] == 1
+
+
 def test_step_session_streams_prefixes_of_generate(checkpoint):
     """The step session over bGPT's eager-reference loop (not stepwise: one step does the whole call) and over
     eager-reference's neighbour, which is: both give generate()'s output."""
