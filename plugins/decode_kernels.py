@@ -299,17 +299,17 @@ if triton is not None:
 
     @triton.jit
     def _select_byte(b, logits_ptr, token_ptr, forced_ptr, n_forced_ptr, seen_ptr, patch_ptr, wte_ptr, wpe_ptr,
-                     x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm, stride_qm,
-                     GREEDY: tl.constexpr, LAST: tl.constexpr, SPECIAL: tl.constexpr,
+                     x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_nf, stride_pm, stride_xm,
+                     stride_qm, GREEDY: tl.constexpr, LAST: tl.constexpr, SPECIAL: tl.constexpr,
                      BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_3C: tl.constexpr):
         """Row b of bGPT's byte step i: the byte (argmax of the logits, or the drawn token), replaced by the forced
-        byte while i < n_forced and by SPECIAL once the row has emitted it; stored at patch[b, i]; unless LAST, the
-        next step's input byte_wte[byte] + wpe[i + 1] into x[b] and its first block's q, k, v, row byte of
-        table_ptr (V, 3 C), into qkv[b] (NextStep). The logits are read from L2 (.cg): other programs of the same
-        kernel may have written them."""
+        byte while i < n_forced (row b's count: stride_nf 1; one for all rows: 0) and by SPECIAL once the row has
+        emitted it; stored at patch[b, i]; unless LAST, the next step's input byte_wte[byte] + wpe[i + 1] into x[b]
+        and its first block's q, k, v, row byte of table_ptr (V, 3 C), into qkv[b] (NextStep). The logits are read
+        from L2 (.cg): other programs of the same kernel may have written them."""
         # everything that does not depend on the token is requested first, in one round trip with the logits
         forced = tl.load(forced_ptr + b.to(tl.int64) * stride_fm + i)
-        is_forced = tl.load(n_forced_ptr) > i
+        is_forced = tl.load(n_forced_ptr + b * stride_nf) > i
         seen = tl.load(seen_ptr + b) != 0
         offs_c = tl.arange(0, BLOCK_C)
         c_mask = offs_c < C
@@ -335,20 +335,20 @@ if triton is not None:
 
     @triton.jit
     def _select_byte_kernel(logits_ptr, token_ptr, forced_ptr, n_forced_ptr, seen_ptr, patch_ptr, wte_ptr, wpe_ptr,
-                            x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm, stride_qm,
-                            LAST: tl.constexpr, SPECIAL: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
-                            BLOCK_3C: tl.constexpr, PDL: tl.constexpr):
+                            x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_nf, stride_pm, stride_xm,
+                            stride_qm, LAST: tl.constexpr, SPECIAL: tl.constexpr, BLOCK_V: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_3C: tl.constexpr, PDL: tl.constexpr):
         """_select_byte of the drawn tokens for row program_id(0)."""
         let_next_kernel_launch(PDL)
         wait_for_previous_kernel(PDL)
         _select_byte(tl.program_id(0), logits_ptr, token_ptr, forced_ptr, n_forced_ptr, seen_ptr, patch_ptr, wte_ptr,
-                     wpe_ptr, x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm,
+                     wpe_ptr, x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_nf, stride_pm, stride_xm,
                      stride_qm, False, LAST, SPECIAL, BLOCK_V, BLOCK_C, BLOCK_3C)
 
     @triton.jit
     def _head_select_kernel(h_ptr, ln_w_ptr, ln_b_ptr, w_ptr, logits_ptr, count_ptr, forced_ptr, n_forced_ptr,
                             seen_ptr, patch_ptr, wte_ptr, wpe_ptr, x_ptr, table_ptr, qkv_ptr, V, C, i, stride_hm,
-                            stride_wn, stride_lm, stride_fm, stride_pm, stride_xm, stride_qm, eps,
+                            stride_wn, stride_lm, stride_fm, stride_nf, stride_pm, stride_xm, stride_qm, eps,
                             LAST: tl.constexpr, SPECIAL: tl.constexpr, PDL: tl.constexpr, BLOCK_V: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_3C: tl.constexpr, BLOCK_K: tl.constexpr,
                             BLOCK_N: tl.constexpr):
@@ -367,8 +367,8 @@ if triton is not None:
         if tl.atomic_add(count_ptr + b, 1, sem="acq_rel") == tl.num_programs(0) - 1:
             tl.atomic_xchg(count_ptr + b, 0, sem="relaxed")
             _select_byte(b, logits_ptr, logits_ptr, forced_ptr, n_forced_ptr, seen_ptr, patch_ptr, wte_ptr, wpe_ptr,
-                         x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_pm, stride_xm, stride_qm,
-                         True, LAST, SPECIAL, BLOCK_V, BLOCK_C, BLOCK_3C)
+                         x_ptr, table_ptr, qkv_ptr, V, C, i, stride_lm, stride_fm, stride_nf, stride_pm, stride_xm,
+                         stride_qm, True, LAST, SPECIAL, BLOCK_V, BLOCK_C, BLOCK_3C)
 
     @triton.jit
     def _patch_embed_kernel(patch_ptr, done_ptr, out_ptr, all_done_ptr, index_ptr, pos_ptr, slot_ptr, w_ptr, b_ptr,
@@ -663,18 +663,24 @@ def _next_step_args(next_step: NextStep | None, dummy: torch.Tensor) -> tuple[tu
     return (x, table, qkv), (x.stride(0), qkv.stride(0)), dict(LAST=False, BLOCK_3C=triton.next_power_of_2(qkv.size(1)))
 
 
+def row_stride(n_forced: torch.Tensor) -> int:
+    """The forced counts' stride over rows: 0 when one count () holds for every row."""
+    return n_forced.stride(0) if n_forced.dim() else 0
+
+
 def select_byte(logits: torch.Tensor, token: torch.Tensor, forced: torch.Tensor, n_forced: torch.Tensor,
                 seen: torch.Tensor, patch: torch.Tensor, i: int, byte_wte: torch.Tensor, wpe: torch.Tensor,
                 special: int, next_step: NextStep | None) -> None:
     """bGPT's byte step i after the logits (B, V) and the drawn token (B,), in one kernel: the byte, forced while
-    i < n_forced (a () device tensor), SPECIAL once seen (B,) says the row emitted it (updated); written to
-    patch[:, i]; then, unless next_step is None (the patch's last step), the next step's input and first-block
-    q, k, v (NextStep). (Greedy: head_select_byte.)"""
+    i < n_forced (a () device tensor, or (B,): a count per row), SPECIAL once seen (B,) says the row emitted it
+    (updated); written to patch[:, i]; then, unless next_step is None (the patch's last step), the next step's
+    input and first-block q, k, v (NextStep). (Greedy: head_select_byte.)"""
     B, V = logits.shape
     C = byte_wte.size(1)
     pointers, strides, flags = _next_step_args(next_step, logits)
     _select_byte_kernel[(B,)](logits, token, forced, n_forced, seen, patch, byte_wte, wpe, *pointers, V, C, i,
-                              logits.stride(0), forced.stride(0), patch.stride(0), *strides, SPECIAL=special,
+                              logits.stride(0), forced.stride(0), row_stride(n_forced), patch.stride(0), *strides,
+                              SPECIAL=special,
                               BLOCK_V=triton.next_power_of_2(V), BLOCK_C=triton.next_power_of_2(C), **flags,
                               num_warps=1 if interpreting() else 4, **launch_options(logits.device))
 
@@ -690,8 +696,8 @@ def head_select_byte(h: torch.Tensor, ln, lm_head, counts: torch.Tensor, forced:
     logits = torch.empty(B, V, dtype=h.dtype, device=h.device)
     pointers, strides, next_flags = _next_step_args(next_step, logits)
     args = (h, ln.weight, ln.bias, weight, logits, counts, forced, n_forced, seen, patch, byte_wte, wpe, *pointers,
-            V, C, i, h.stride(0), weight.stride(0), logits.stride(0), forced.stride(0), patch.stride(0), *strides,
-            ln.eps)
+            V, C, i, h.stride(0), weight.stride(0), logits.stride(0), forced.stride(0), row_stride(n_forced),
+            patch.stride(0), *strides, ln.eps)
     flags = dict(SPECIAL=special, BLOCK_V=triton.next_power_of_2(V), BLOCK_C=triton.next_power_of_2(C),
                  BLOCK_K=triton.next_power_of_2(C), **next_flags, **launch_options(h.device))
     last = next_step is None

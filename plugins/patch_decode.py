@@ -97,10 +97,11 @@ def byte_decoder_from_weights(patch_size: int, n_embd: int, n_layer: int, n_head
 
 
 class PatchDecoder:
-    """Static buffers: feature (B, C) in, forced (B, P) and n_forced () in, patch (B, P) out."""
+    """Static buffers: feature (B, C) in, forced (B, P) and n_forced () in, patch (B, P) out. forced_per_row: n_forced
+    is (B,), a count per row (a batch whose rows start their first patches at different steps)."""
 
     def __init__(self, model, batch_size: int, sampling: SamplingConfig, generator: torch.Generator | None = None,
-                 use_graph: bool = True, compile: bool = False):
+                 use_graph: bool = True, compile: bool = False, forced_per_row: bool = False):
         cfg = model.cfg
         P, C = cfg.patch_size, cfg.n_embd
         device, dtype = model.byte_wte.weight.device, model.byte_wte.weight.dtype
@@ -109,7 +110,7 @@ class PatchDecoder:
         self.caches = model.byte_decoder.make_caches(batch_size, P)
         self.feature = torch.zeros(batch_size, C, dtype=dtype, device=device)
         self.forced = torch.zeros(batch_size, P, dtype=torch.long, device=device)
-        self.n_forced = torch.zeros((), dtype=torch.long, device=device)
+        self.n_forced = torch.zeros(batch_size if forced_per_row else (), dtype=torch.long, device=device)
         self.patch = torch.full((batch_size, P), SPECIAL, dtype=torch.long, device=device)
         # one slot tensor and mask row per step: constants of the graph (and stable inputs for torch.compile)
         self.slots = [torch.full((1,), i, dtype=torch.long, device=device) for i in range(P)]
@@ -142,8 +143,8 @@ class PatchDecoder:
     def decode(self, n_steps: int | None = None, n_prefilled: int = 0) -> None:
         """The whole patch into self.patch: patch_size byte steps, capturable (no host synchronisation). n_steps < P:
         only the patch's first n_steps bytes, the rest SPECIAL (a run's last patch, of which fewer bytes were
-        asked for). n_prefilled (at most n_forced): that many forced bytes go through the byte decoder with the
-        feature in one pass (prefill_forced) instead of a step each."""
+        asked for). n_prefilled (at most n_forced, and 0 with counts per row): that many forced bytes go through the
+        byte decoder with the feature in one pass (prefill_forced) instead of a step each."""
         if self.fused:
             return self.decode_fused(n_steps=n_steps, n_prefilled=n_prefilled)
         model, k = self.model, n_prefilled
@@ -241,15 +242,20 @@ class PatchDecoder:
             self.first_qkv.copy_(first_block_qkv(self.model.byte_decoder, self.model.byte_wte.weight))
             self.first_qkv_states = states
 
-    def __call__(self, feature: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
-        """feature (B, C), forced (B, k) bytes that begin the patch -> a copy of the patch (B, P)."""
+    def __call__(self, feature: torch.Tensor, forced: torch.Tensor | None = None,
+                 n_forced: torch.Tensor | None = None) -> torch.Tensor:
+        """feature (B, C), forced (B, k) bytes that begin the patch (forced_per_row: the first n_forced (B,) of each
+        row's) -> a copy of the patch (B, P)."""
         if self.fused:
             self.refresh_first_qkv()
         k = 0 if forced is None else forced.size(1)
         self.feature.copy_(feature)
         if k:
             self.forced[:, :k] = forced
-        self.n_forced.fill_(k)
+        if n_forced is None:
+            self.n_forced.fill_(k)
+        else:
+            self.n_forced.copy_(n_forced)
         self.run()
         return self.patch.clone()
 

@@ -16,16 +16,15 @@ Sampling: each row keeps its own settings and seed. A greedy row takes the argma
 (up to the float rounding of batched kernels, which leaves tokens unchanged unless two logits tie). A sampled row
 draws from a counter-based generator keyed by (seed, the row's byte count) (draw_rows), so a request gives the same
 output alone or in a full batch; not generate()'s sampled output, which comes from one torch.Generator per call.
-A step whose rows are all greedy, none at a first patch with forced bytes, decodes with PatchDecoder (the native
-runtime's byte loop, its fused kernels where they apply); the others with sample_patch (argmax only when every row is
-greedy).
+A step whose rows are all greedy decodes with PatchDecoder (the native runtime's byte loop, its fused kernels where
+they apply; forced bytes counted per row); one with a sampled row with sample_patch.
 
 native (CUDA): the batched step is captured as a CUDA graph per (capacity, all rows greedy?, forced bytes?),
 capacities the powers of two up to max_rows. A row keeps its slot for its life, a new row takes the lowest free
 slot, and a step runs the smallest capacity that holds the highest slot in use. At capacity 1 the patch decoder's
 step is runtimes.native's gpt2_step (the fused decode kernels). A joining row's prefill is a captured graph too, one
-per prompt length (eager, its few hundred small kernels cost the host several milliseconds). step() launches a step and
-then reads the step before it, so that the host's work (outputs, joins) overlaps the GPU's: a step's output is
+per prompt length (eager, its few hundred small kernels cost the host several milliseconds). step() launches a step
+and then reads the step before it, so that the host's work (outputs, joins) overlaps the GPU's: a step's output is
 reported by the next call.
 """
 
@@ -278,9 +277,9 @@ class BatchedBgptSession:
         if capacity not in self.views:  # made here, outside any capture: state the captured steps keep reading
             self.views[capacity] = tuple([CacheView(c.k[:capacity], c.v[:capacity]) for c in caches]
                                          for caches in (self.byte_caches, self.patch_caches))
-        if greedy and not forced and capacity not in self.decoders:
+        if greedy and capacity not in self.decoders:
             self.decoders[capacity] = PatchDecoder(self.model, capacity, SamplingConfig(temperature=0.0),
-                                                   use_graph=False)
+                                                   use_graph=False, forced_per_row=True)
         if not self.use_graphs:
             return self.patch_step(capacity, greedy, forced)
         key = (capacity, greedy, forced)
@@ -292,33 +291,37 @@ class BatchedBgptSession:
 
     def patch_step(self, capacity: int, greedy: bool, forced: bool) -> None:
         """For rows [0, capacity), each at its own position: the patch decoder's step on the input patch, then the
-        new patch from its feature. When every row is greedy and none has forced bytes the patch is PatchDecoder's
-        (the native runtime's byte loop: its fused kernels where they apply), else sample_patch's, with each row's
-        forced bytes and settings."""
+        new patch from its feature, beginning with each row's forced bytes (forced: some row has them). When every
+        row is greedy the patch is PatchDecoder's (the native runtime's byte loop: its fused kernels where they
+        apply), else sample_patch's, with each row's settings."""
         model, cfg, C = self.model, self.cfg, capacity
         byte_caches, patch_caches = self.views[C]
         slots = self.pos[:C].clamp(max=cfg.n_patches - 1)  # an empty slot's keeps counting: kept in bounds
         feature = rows_step(model.patch_decoder, model.embed_patches(self.patch[:C, None]), patch_caches, slots,
                             self.positions)[:, -1]
         self.pos[:C] += 1
-        if greedy and not forced:
-            decoder = self.decoders[C]
-            decoder.feature.copy_(feature)
-            decoder.decode()
-            self.patch[:C] = decoder.patch
-        else:
-            self.sample_patch(C, feature, byte_caches, greedy)
+        if not greedy:
+            return self.sample_patch(C, feature, byte_caches)
+        decoder = self.decoders[C]
+        decoder.feature.copy_(feature)
+        if forced:
+            decoder.forced.copy_(self.forced[:C])
+            decoder.n_forced.copy_(self.n_forced[:C])
+        decoder.decode()
+        self.patch[:C] = decoder.patch
+        if forced:
+            decoder.n_forced.zero_()
+            self.n_forced[:C] = 0
 
-    def sample_patch(self, C: int, feature: torch.Tensor, byte_caches, greedy: bool) -> None:
-        """PatchDecoder.decode's byte loop with each row's forced bytes, sampling settings and generator; greedy:
-        every row is, the argmax alone."""
+    def sample_patch(self, C: int, feature: torch.Tensor, byte_caches) -> None:
+        """PatchDecoder.decode's byte loop with each row's forced bytes, sampling settings and generator."""
         model = self.model
         x = feature[:, None]
         seen = torch.zeros(C, dtype=torch.bool, device=self.device)
         for i in range(self.cfg.patch_size):
             h = gpt2_step(model.byte_decoder, x, byte_caches, self.byte_slots[i], self.byte_masks[i])
             logits = model.lm_head(h)[:, -1]
-            token = logits.argmax(-1) if greedy else self.draw(logits, C)
+            token = self.draw(logits, C)
             token = torch.where(self.n_forced[:C] > i, self.forced[:C, i], token).masked_fill(seen, SPECIAL)
             seen = seen | (token == SPECIAL)
             self.patch[:C, i] = token

@@ -88,8 +88,9 @@ def check_attention_equals_qkv_attention(device, dtype=torch.float32, n_embd=32,
 
 def fused_and_torch_patches(model, sampling, feature, forced) -> dict:
     """PatchDecoder's patches on the fused path ("auto") and the torch path, for a partial, a full and no forced
-    prefix; asserts that they are equal, and so are the byte decoder's caches after the last patch (on the fused
-    path the first block's keys and values after step 0 come from the selection's NextStep)."""
+    prefix, and with counts per row (forced_per_row: the full prefix in row 0, none in row 1); asserts that they are
+    equal, and so are the byte decoder's caches after the no-prefix patch (on the fused path the first block's keys
+    and values after step 0 come from the selection's NextStep)."""
     patches, caches = {}, {}
     saved = native.KERNELS
     try:
@@ -101,6 +102,11 @@ def fused_and_torch_patches(model, sampling, feature, forced) -> dict:
             with torch.no_grad():
                 patches[kernels] = [decoder(feature, forced[:, :1]), decoder(feature, forced), decoder(feature)]
             caches[kernels] = decoder.caches
+            per_row = PatchDecoder(model, feature.size(0), sampling, use_graph=False, forced_per_row=True)
+            per_row.generator.manual_seed(3)
+            counts = torch.tensor([forced.size(1)] + [0] * (feature.size(0) - 1), device=feature.device)
+            with torch.no_grad():
+                patches[kernels].append(per_row(feature, forced, n_forced=counts))
     finally:
         native.KERNELS = saved
     for a, b in zip(patches["auto"], patches["torch"]):
@@ -126,7 +132,11 @@ def check_patch_decode_fused_equals_torch(device, n_embd=16, n_head=2, n_layer=1
     feature = torch.randn(2, n_embd, device=device)
     forced = torch.tensor([[65, 10], [66, 11]], device=device)
     greedy, sampled = SamplingConfig(temperature=0.0), SamplingConfig(top_k=5, temperature=0.9, seed=3)
-    first_byte = int(fused_and_torch_patches(model, greedy, feature, forced)["auto"][2][0, 0])
+    patches = fused_and_torch_patches(model, greedy, feature, forced)["auto"]
+    first_byte = int(patches[2][0, 0])
+    # greedy rows do not depend on each other: counts per row give row 0 the full prefix's patch, row 1 the free one
+    assert torch.equal(patches[3][0], patches[1][0]) and torch.equal(patches[3][1], patches[2][1])
+    assert not torch.equal(patches[3][1], patches[1][1])
     fused_and_torch_patches(model, sampled, feature, forced)
     with torch.no_grad():  # the end mark's row: 10x the row of row 0's first free greedy byte, which it now beats
         model.byte_wte.weight[SPECIAL] = 10 * model.byte_wte.weight[first_byte]
