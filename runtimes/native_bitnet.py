@@ -70,7 +70,8 @@ class Linears:
             y = self.kernel(x_normed.reshape(-1, layer.in_features), w.packed, w.scale, layer.in_features)
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
             return y if layer.bias is None else y + layer.bias.to(y.dtype)
-        return F.linear(fake_quantize_activations(x_normed), self.weights[id(layer)], layer.bias)
+        w = self.weights[id(layer)]
+        return F.linear(fake_quantize_activations(x_normed).to(w.dtype), w, layer.bias)  # the norm is float32
 
 
 def forward(model, linear: Linears, tokens, slots, key_mask, caches):
@@ -90,7 +91,7 @@ def forward(model, linear: Linears, tokens, slots, key_mask, caches):
         y = cache_attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), bias)
         x = x + linear(attn.wo, y.transpose(1, 2).reshape(B, T, C))
         x = x + linear(ffn.w2, F.silu(linear(ffn.w1, x)) * linear(ffn.w3, x))
-    return model.lm_head(model.norm(x))
+    return model.lm_head(model.norm(x).to(x.dtype))  # RMSNorm computes in float32
 
 
 def make_runner(model, batch_size: int, n0: int, max_new: int, sampling, route: str) -> WindowedLM:
