@@ -5,10 +5,10 @@ A step takes every row's input patch, the patch it made at the step before, thro
 row's keys written at the row's own position, attending over the row's own past: a per-row mask) and decodes the
 row's next patch from the feature that comes out: the byte-level decoder's steps for all rows in lockstep (it
 restarts at every patch, so rows never differ in byte position; a row's first patch begins with its prompt's
-partial last patch, forced bytes). A request joins at the end of a step: its prompt's last whole patch becomes its
-input patch, and the patches before it, if any, go through the patch decoder into its slot of the batch's KV caches
-(one batched prefill for the requests of a step with prompts of the same length); most prompts shorter than a patch
-are the extension's patch alone and need no prefill. A row leaves when it emits the end mark (256), has its max_new
+partial last patch, forced bytes). A request joins in the next step: its prompt's last whole patch becomes its input
+patch, and the patches before it, if any, go through the patch decoder into its slot of the batch's KV caches (one
+batched prefill for the requests of a step with prompts of the same length); most prompts shorter than a patch are
+the extension's patch alone and need no prefill. A row leaves when it emits the end mark (256), has its max_new
 bytes, or reaches the context's end, as in bgpt.generate_cached; it is in no step after the one that makes its last
 possible patch.
 
@@ -131,19 +131,19 @@ class BatchedBgptSession:
 
     @torch.no_grad()
     def step(self) -> list[RowUpdate]:
-        """Launch one patch for every row in the batch, read the patches of the step before (in flight meanwhile,
-        so that the GPU does not wait on this host work), then the rows added since join the batch (their prefill,
-        which the GPU runs after this step's patch). -> the updates of the step before: a step's output is reported
-        by the next call."""
-        launched = self.launch()
-        updates = self.collect(self.in_flight) if self.in_flight else []
-        self.in_flight = launched
+        """The rows added since the last call join the batch (their prefill, which the GPU runs after the step in
+        flight), one patch is launched for every row, new ones included, and the patches of the step before are
+        read (in flight meanwhile, so that the GPU does not wait on this host work). -> the updates of the step
+        before: a step's output is reported by the next call."""
         by_length = {}  # prompt patches -> the joining rows
         for row in self.rows.values():
             if row.joining is not None:
                 by_length.setdefault(len(row.joining[0]), []).append(row)
         for rows in by_length.values():
             self.join(rows)
+        launched = self.launch()
+        updates = self.collect(self.in_flight) if self.in_flight else []
+        self.in_flight = launched
         return updates
 
     def launch(self) -> Launched | None:

@@ -99,8 +99,8 @@ def test_a_cancelled_row_frees_its_slot(checkpoint):
 
 def test_no_step_is_spent_on_a_row_after_its_last_possible_patch(checkpoint, monkeypatch):
     """A prompt shorter than a patch joins without a prefill (its extension patch is its first step's input); a row
-    of k patches is in k steps, though its end is read one step() later; a longer prompt's earlier patches are
-    prefilled once."""
+    of k patches is in k steps, the first launched by the call after its add(), though its end is read one call
+    later; a longer prompt's earlier patches are prefilled once."""
     model = open_model(checkpoint, "eager", device="cpu")
     session = model.session(2)
     calls = {"run_step": 0, "prefill": 0}
@@ -124,7 +124,9 @@ def test_no_step_is_spent_on_a_row_after_its_last_possible_patch(checkpoint, mon
         updates = session.step()
         n_calls += 1
     assert updates[0].output == expected
-    assert (n_calls, calls["run_step"], calls["prefill"]) == (5, 3, 0)  # join, 3 steps, the last one's read
+    # the first call joins and launches the first step, each step is read by the next call, the last one's by a call
+    # that launches nothing
+    assert (n_calls, calls["run_step"], calls["prefill"]) == (4, 3, 0)
     request = GenerateRequest(b"0123456789abcdef!", 8, 1, GREEDY, {})  # two whole patches and a tail
     assert run_session(session, [request], [0])[0] == model.generate(request).outputs[0]
     assert calls["prefill"] == 1
