@@ -10,15 +10,17 @@ passed, whichever comes first (requests in flight then finish). A client streams
 tokens are the server's usage counts (the model's unit: bytes for bGPT), time to first token runs from sending the
 request to the first chunk with output, and per-token latency is a request's (last chunk - first chunk) / (tokens -
 its first chunk's tokens), the time per token after the first chunk (a bGPT chunk is a patch of 16 bytes).
-Requests/s and tokens/s are over the level's wall time. The clients are threads spread over --processes processes
-(a client parses every chunk: one Python process would become the bottleneck of a fast server). Only a server on
-this machine (localhost) is measured. Standard library only.
+Each client keeps one HTTP/1.1 connection open for its requests, as OpenAI's client does. Requests/s and tokens/s
+are over the level's wall time. The clients are threads spread over --processes processes (a client parses every
+chunk: one Python process would become the bottleneck of a fast server). Only a server on this machine (localhost)
+is measured. Standard library only.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import multiprocessing
 import os
@@ -44,16 +46,45 @@ class Sample:
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # localhost: never through a proxy
 
 
-def stream_completion(url: str, body: dict, api_key: str | None, unit: str, timeout: float) -> Sample:
+class Connection:
+    """One client's HTTP/1.1 connection to the server, kept open from request to request (as OpenAI's client keeps
+    its connections), opened again after an error."""
+
+    def __init__(self, url: str):
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port, self.conn = parts.hostname, parts.port or 80, None
+
+    def post(self, path: str, data: bytes, headers: dict, timeout: float) -> http.client.HTTPResponse:
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        self.conn.timeout = timeout
+        if self.conn.sock is not None:
+            self.conn.sock.settimeout(timeout)
+        try:
+            self.conn.request("POST", path, body=data, headers=headers)
+            return self.conn.getresponse()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def stream_completion(connection: Connection, body: dict, api_key: str | None, unit: str, timeout: float) -> Sample:
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     data = json.dumps(dict(body, stream=True, stream_options={"include_usage": True})).encode()
-    request = urllib.request.Request(url + "/v1/completions", data=data, headers=headers)
     start = time.perf_counter()
     first = last = None
     first_tokens, tokens = 0, 0
-    with OPENER.open(request, timeout=timeout) as response:
+    response = connection.post("/v1/completions", data, headers, timeout)
+    try:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
         for line in response:
             line = line.strip()
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -73,6 +104,9 @@ def stream_completion(url: str, body: dict, api_key: str | None, unit: str, time
                     last = time.perf_counter()
                     if first is None:
                         first, first_tokens = last, n
+    except BaseException:
+        connection.close()  # a response left unread would be read as the next one's
+        raise
     end = time.perf_counter()
     if first is None:
         raise RuntimeError("the stream had no output")
@@ -89,17 +123,21 @@ def run_clients(url: str, clients: int, requests: int, deadline: float, body: di
     lock = threading.Lock()
 
     def client() -> None:
-        for _ in range(requests):
-            if time.time() >= deadline:
-                return
-            try:
-                sample = stream_completion(url, body, api_key, unit, timeout=deadline - time.time() + 60)
-            except Exception as e:  # noqa: BLE001 - counted and reported; the load goes on
+        connection = Connection(url)
+        try:
+            for _ in range(requests):
+                if time.time() >= deadline:
+                    return
+                try:
+                    sample = stream_completion(connection, body, api_key, unit, timeout=deadline - time.time() + 60)
+                except Exception as e:  # noqa: BLE001 - counted and reported; the load goes on
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}")
+                    continue
                 with lock:
-                    errors.append(f"{type(e).__name__}: {e}")
-                continue
-            with lock:
-                samples.append(sample)
+                    samples.append(sample)
+        finally:
+            connection.close()
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.time()
