@@ -23,9 +23,9 @@ native (CUDA): the batched step is captured as a CUDA graph per (capacity, all r
 capacities the powers of two up to max_rows. A row keeps its slot for its life, a new row takes the lowest free
 slot, and a step runs the smallest capacity that holds the highest slot in use. At capacity 1 the patch decoder's
 step is runtimes.native's gpt2_step (the fused decode kernels). A joining row's prefill is a captured graph too, one
-per prompt length (eager, its few hundred small kernels cost the host several milliseconds). step() launches a step
-and then reads the step before it, so that the host's work (outputs, joins) overlaps the GPU's: a step's output is
-reported by the next call.
+per prompt length and number of rows joining together (eager, its few hundred small kernels cost the host several
+milliseconds). step() joins the rows added since the last call, launches a step and then reads the step before it,
+so that the host's work (joins, outputs) overlaps the GPU's: a step's output is reported by the next call.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class BatchedBgptSession:
         self.views = {}  # capacity -> (byte decoder's, patch decoder's) CacheViews of the first rows, made once
         self.decoders = {}  # capacity -> the PatchDecoder of all-greedy batches
         self.graphs = {}  # (capacity, all rows greedy?, forced bytes?) -> captured step
-        self.prefills = {}  # prefilled patches T -> (prompt (1, T, P), slot (1,), one row's prefill, its graph)
+        self.prefills = {}  # (prefilled patches T, rows) -> (prompts (rows, T, P), slots (rows,), prefill, graph)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def __len__(self) -> int:
@@ -201,13 +201,11 @@ class BatchedBgptSession:
 
     def prefill(self, rows: list[Row], T: int, slots: torch.Tensor) -> None:
         """The rows' first T prompt patches through the patch decoder into slots 0..T-1 of their caches."""
+        prompts = np.stack([row.joining[0][:T] for row in rows])
         if self.use_graphs:
-            for row in rows:
-                self.prefill_graphed(row.joining[0][:T], row.slot)
-            return
-        prompts = self.to_device(np.stack([row.joining[0][:T] for row in rows]), torch.long)
+            return self.prefill_graphed(prompts, [row.slot for row in rows])
         caches = self.model.patch_decoder.make_caches(len(rows), T)
-        self.model.encode_patches(prompts, caches, 0)
+        self.model.encode_patches(self.to_device(prompts, torch.long), caches, 0)
         for big, small in zip(self.patch_caches, caches):
             big.k[slots, :, :T] = small.k
             big.v[slots, :, :T] = small.v
@@ -220,16 +218,18 @@ class BatchedBgptSession:
             return host.to(self.device)
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    def prefill_graphed(self, prompt: np.ndarray, slot: int) -> None:
-        """One row's prompt patches (T, P) through the patch decoder into its slot's keys and values. A CUDA graph per
-        prompt length, captured at its first use (its warm-up run is this row's)."""
-        T = len(prompt)
-        if T not in self.prefills:
+    def prefill_graphed(self, prompts: np.ndarray, slots: list[int]) -> None:
+        """Rows' prompt patches (n, T, P) through the patch decoder into their slots' keys and values, in one replay of
+        a CUDA graph per (T, rows rounded up to a power of two), captured at its first use (its warm-up run is these
+        rows'). The rows past n repeat the first one: the same values written twice to its slot."""
+        n, T = len(slots), prompts.shape[1]
+        size = self.capacity(n)
+        if (T, size) not in self.prefills:
             if len(self.prefills) == MAX_PREFILL_GRAPHS:
                 del self.prefills[next(iter(self.prefills))]
-            prompt_in = torch.empty(1, T, self.cfg.patch_size, dtype=torch.long, device=self.device)
-            slot_in = torch.zeros(1, dtype=torch.long, device=self.device)
-            caches = self.model.patch_decoder.make_caches(1, T)
+            prompt_in = torch.empty(size, T, self.cfg.patch_size, dtype=torch.long, device=self.device)
+            slot_in = torch.zeros(size, dtype=torch.long, device=self.device)
+            caches = self.model.patch_decoder.make_caches(size, T)
 
             def run() -> None:
                 self.model.encode_patches(prompt_in, caches, 0)
@@ -237,13 +237,14 @@ class BatchedBgptSession:
                     big.k[:, :, :T].index_copy_(0, slot_in, small.k)
                     big.v[:, :, :T].index_copy_(0, slot_in, small.v)
 
-            self.prefills[T] = (prompt_in, slot_in, run, None)
-        prompt_in, slot_in, run, graph = self.prefills[T]
-        prompt_in.copy_(self.to_device(np.asarray(prompt)[None], torch.long))
-        slot_in.fill_(slot)
+            self.prefills[T, size] = (prompt_in, slot_in, run, None)
+        prompt_in, slot_in, run, graph = self.prefills[T, size]
+        padded = [*range(n), *[0] * (size - n)]
+        prompt_in.copy_(self.to_device(prompts[padded], torch.long))
+        slot_in.copy_(self.to_device([slots[i] for i in padded], torch.long))
         with torch.cuda.device(self.device):
             if graph is None:
-                self.prefills[T] = (prompt_in, slot_in, run, capture(run, pool=self.pool))
+                self.prefills[T, size] = (prompt_in, slot_in, run, capture(run, pool=self.pool))
             else:
                 graph.replay()
 

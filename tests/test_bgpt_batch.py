@@ -192,6 +192,10 @@ def test_batched_native_equals_native_generate(checkpoint, dtype):
     got = run_session(session, requests, join_at=[i for i in range(len(requests))])
     assert [got[i] for i in range(len(requests))] == expected
     assert {capacity for capacity, _, _ in session.graphs} >= {1, 2, 4, 8}
+    session = model.session(8)  # three join per step: prompts of two and three patches are prefilled together
+    got = run_session(session, requests, join_at=[i // 3 for i in range(len(requests))])
+    assert [got[i] for i in range(len(requests))] == expected
+    assert any(rows > 1 for _, rows in session.prefills)
     eager = open_model(checkpoint, "eager", device="cuda", dtype=dtype)
     again = run_session(eager.session(8), requests, join_at=[i for i in range(len(requests))])
     assert again == got
