@@ -61,7 +61,7 @@ class Row:
     max_new: int  # bytes at most (0: no limit but the context)
     patches_left: int  # patches it may still generate (bgpt.plan_generation's max_patches, less those made)
     greedy: bool
-    joining: tuple | None = None  # (prompt patches, forced tail, sampling) until its prefill, at the end of a step
+    joining: tuple | None = None  # (prompt patches, forced tail, sampling) until it joins, in the next step() call
     to_launch: int = 0  # steps it is still in: patches_left less those in flight
     first: bool = False  # its first patch, which begins with forced bytes, is not launched yet
     skip: int = 0  # forced bytes in front of its first patch's results (its prompt's partial last patch)

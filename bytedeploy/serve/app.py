@@ -120,8 +120,8 @@ def create_app(client: ModelClient, config: ServeConfig) -> CountStatus:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         client.start()
-        # anyio imports its asyncio backend at its first use, a streaming response's: here, not in the first request
-        # (on an H100 machine's host each worker's first request took ~80 ms)
+        # anyio imports its asyncio backend at its first use, a streaming response's: here, not in the worker's first
+        # request (~20 ms of it on a 2-core CI machine)
         await anyio.sleep(0)
         orphaned = asyncio.create_task(stop_when_orphaned())
         yield
