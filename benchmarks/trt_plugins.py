@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--tensorrt-include", default=None, help="folder with TensorRT's NvInferRuntime.h")
+    parser.add_argument("--plugins", default="BitLinear,BytePatchDecode", help="which plugins to time (comma list)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("Error: the plugin benchmark needs a CUDA GPU", file=sys.stderr)
@@ -132,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                   "command": "python -m bytedeploy.benchmarks.trt_plugins " + " ".join(sys.argv[1:] if argv is None
                                                                                    else argv),
                   "timing": f"CUDA graphs replayed; median of {args.replays} event-timed replays after 3 warm-ups "
-                            "(BitLinear: per call of a graph over weight copies taking 3x the L2)",
-                  "bitlinear": bench_bitlinear(harness, folder, args.replays, props.L2_cache_size),
-                  "byte_patch_decode": bench_patch_decode(harness, folder, args.replays)}
+                            "(BitLinear: per call of a graph over weight copies taking 3x the L2)"}
+        plugins = args.plugins.split(",")
+        if "BitLinear" in plugins:
+            result["bitlinear"] = bench_bitlinear(harness, folder, args.replays, props.L2_cache_size)
+        if "BytePatchDecode" in plugins:
+            result["byte_patch_decode"] = bench_patch_decode(harness, folder, args.replays)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
