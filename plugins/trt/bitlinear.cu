@@ -13,12 +13,21 @@
 // activations are quantized straight into that order (int8 x_int of input 16g + 8h + 2e + s at byte 16g + 4q + e), so
 // that one dp4a or int8 MMA multiplies matching pairs.
 //
-// Paths, by M: GEMV (M <= 4): one kernel; every block takes the tokens' absmax, quantizes them into shared memory
-// and gives each warp 4 weight rows, 16 weights per dp4a. Batch (M > 4): a quantization kernel writes x_int (permuted,
-// padded to whole groups of 64 inputs) and the per-token scales to the workspace; then each warp computes 8 outputs
-// for 16 or 32 tokens with int8 tensor-core MMAs (mma.sync m16n8k32, int32 accumulators): per 64 inputs, each thread
-// reads one weight word of its output column and the int8 activations of its two rows, fed to the MMA in the permuted
-// order (the K order inside an MMA is free, as long as A and B agree).
+// Paths, by M. Both read the weights as 16-byte chunks (64 inputs of a row) and issue the first ones before waiting
+// for the previous kernel (programmatic dependent launch, sm_90+), so that their DRAM latency overlaps the previous
+// kernel's tail and the activation quantization.
+// GEMV (M <= 4): one kernel, the token count a template parameter; a block of 8 warps owns 32 weight rows, a warp 4,
+// and each lane holds 2 chunks of each of its rows in registers (the whole row when K <= 4096: all of a block's
+// weights are requested before the wait), refilled as they are used for longer rows. After the wait the block
+// quantizes the tokens into shared memory (chunk-interleaved, so that lanes reading consecutive chunks hit distinct
+// banks; one read of x, kept in registers), then 16 weights per dp4a.
+// Batch (M > 4): a quantization kernel writes x_int (permuted, padded to whole chunks) and the per-token scales to
+// the workspace; then an int8 tensor-core kernel (mma.sync m16n8k32, int32 accumulators): a block of 8 warps owns 32
+// or 64 output columns and 16 or 32 tokens; its warps split K by superchunks of 256 inputs (4 chunks, one per lane
+// of a quad), each holding two superchunks of weights in registers (loaded before the wait), and the block adds the
+// warps' int32 tiles in shared memory. Lane (g, t) reads chunk t of a superchunk of column g of each 8-column tile,
+// and the int8 activations of the same 4 groups of its rows g and g + 8, fed to the MMA in the permuted order (the K
+// order inside an MMA is free, as long as A and B agree).
 //
 // Exactness: the integer parts are exact; the float parts repeat bitlinear_int's IEEE float32 operations:
 //   s = (1 / max(max|x|, 1e-5)) * 127  (torch computes 127 / t as t.reciprocal() * 127), x_int = rint(x s) clipped to
@@ -34,13 +43,16 @@ namespace
 
 constexpr char kName[] = "BitLinear";
 constexpr int kGemvMaxTokens = 4;
-constexpr int kThreads = 256; // the GEMV's and the quantization kernel's blocks
+constexpr int kThreads = 256; // every kernel's blocks
+constexpr int kWarps = kThreads / 32;
 constexpr int kGemvRowsPerWarp = 4;
-constexpr int kGemvRowsPerBlock = kThreads / 32 * kGemvRowsPerWarp;
+constexpr int kGemvRowsPerBlock = kWarps * kGemvRowsPerWarp;
+constexpr int kGemvSlots = 2;           // chunks of each row a GEMV lane holds in registers
 constexpr int kGemvMaxSmem = 46 * 1024; // dynamic shared memory, under the 48 KB that needs no opt-in
 constexpr int kUnitBatch = 4;           // units of 8 inputs each thread loads at once
-constexpr int kMmaWarps = 4;
-constexpr int kMmaColumns = 8; // outputs per warp: one MMA's N
+constexpr int kMmaColumnTiles = 4;      // 8-column MMA tiles per warp
+constexpr int kMmaWarpColumns = 8 * kMmaColumnTiles;
+constexpr int kMmaDepth = 2; // superchunks of weights each MMA warp holds in registers
 
 __device__ __forceinline__ uint32_t ternaryInt8x4(uint32_t nibbles)
 {
@@ -55,6 +67,11 @@ __device__ __forceinline__ void decodeWord(uint32_t word, uint32_t (&out)[4])
     out[1] = ternaryInt8x4(odd);
     out[2] = ternaryInt8x4(even >> 16);
     out[3] = ternaryInt8x4(odd >> 16);
+}
+
+__device__ __forceinline__ uint32_t wordOf(uint4 const& v, int q)
+{
+    return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
 }
 
 __device__ __forceinline__ void loadVector(float const* p, float (&v)[8])
@@ -115,14 +132,9 @@ __device__ __forceinline__ uint2 quantizeUnit(float const (&v)[8], float scale)
     return words;
 }
 
-// Word j (bytes 4j..4j+3) of a packed row of rowBytes bytes; bytes past the row read as code 00 (weight 0).
-template <bool kAlignedRows>
-__device__ __forceinline__ uint32_t loadWord(uint8_t const* row, int j, int rowBytes)
+// Word j (bytes 4j..4j+3) of a packed row of rowBytes bytes, byte by byte; bytes past the row read as code 00.
+__device__ __forceinline__ uint32_t loadWordBytes(uint8_t const* row, int j, int rowBytes)
 {
-    if (kAlignedRows) // rowBytes % 4 == 0: a word is all in or all out
-    {
-        return 4 * j < rowBytes ? __ldg(reinterpret_cast<uint32_t const*>(row) + j) : 0u;
-    }
     uint32_t word = 0;
     for (int b = 0; b < 4; ++b)
     {
@@ -132,11 +144,25 @@ __device__ __forceinline__ uint32_t loadWord(uint8_t const* row, int j, int rowB
     return word;
 }
 
-// The absmax of each of up to 4 token rows over the block: every thread ends with all of them.
-__device__ __forceinline__ void blockAbsmax(float (&amax)[kGemvMaxTokens], float* shared /* [warps][4] */)
+// Chunk c (bytes 16c..16c+15: groups 4c..4c+3, one word each) of a packed row; zeros past the row. kAligned: rows of
+// whole 16-byte chunks, read as one 16-byte load.
+template <bool kAligned>
+__device__ __forceinline__ uint4 loadChunk(uint8_t const* row, int c, int rowBytes)
+{
+    if (kAligned)
+    {
+        return 16 * c < rowBytes ? __ldg(reinterpret_cast<uint4 const*>(row) + c) : make_uint4(0, 0, 0, 0);
+    }
+    return make_uint4(loadWordBytes(row, 4 * c, rowBytes), loadWordBytes(row, 4 * c + 1, rowBytes),
+        loadWordBytes(row, 4 * c + 2, rowBytes), loadWordBytes(row, 4 * c + 3, rowBytes));
+}
+
+// The absmax of each of kRows token rows over the block: every thread ends with all of them.
+template <int kRows>
+__device__ __forceinline__ void blockAbsmax(float (&amax)[kRows], float* partial /* [warps][kRows] */)
 {
     int const lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int m = 0; m < kGemvMaxTokens; ++m)
+    for (int m = 0; m < kRows; ++m)
     {
         for (int o = 16; o > 0; o >>= 1)
         {
@@ -144,31 +170,51 @@ __device__ __forceinline__ void blockAbsmax(float (&amax)[kGemvMaxTokens], float
         }
         if (lane == 0)
         {
-            shared[warp * kGemvMaxTokens + m] = amax[m];
+            partial[warp * kRows + m] = amax[m];
         }
     }
     __syncthreads();
-    for (int m = 0; m < kGemvMaxTokens; ++m)
+    for (int m = 0; m < kRows; ++m)
     {
         amax[m] = 0.0f;
-        for (int w = 0; w < kThreads / 32; ++w)
+        for (int w = 0; w < kWarps; ++w)
         {
-            amax[m] = fmaxf(amax[m], shared[w * kGemvMaxTokens + m]);
+            amax[m] = fmaxf(amax[m], partial[w * kRows + m]);
         }
     }
 }
 
-// x_int of rows (<= 4) consecutive tokens of x, `units` units of 8 inputs per token (those past K are zeros), into
-// out in the permuted order, and each token's scale into scales (shared memory): the whole block takes part, each
-// thread loading kUnitBatch units at once (one pass for the absmax, another, mostly from L1, to quantize).
-template <typename T>
-__device__ void quantizeTokens(T const* x, int rows, int units, int K, float* scales, float* partial, uint2* out)
+// Where unit u of the permuted x_int goes (a uint2 index; units per token row, 8 per chunk of 64 inputs). In order:
+// token m's group g at uint4 m * groups + g. Interleaved (the GEMV's shared memory): group 4c + q at uint4
+// m * groups + q * chunks + c, so that lanes reading consecutive chunks read consecutive 16-byte words.
+template <bool kInterleaved>
+__device__ __forceinline__ int unitSlot(int u, int units)
 {
-    int const total = rows * units;
-    float amax[kGemvMaxTokens] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (!kInterleaved)
+    {
+        return u;
+    }
+    int const m = u / units, g = (u % units) / 2, h = u % 2, chunks = units / 8;
+    return m * units + 2 * ((g % 4) * chunks + g / 4) + h;
+}
+
+// x_int of kRows consecutive tokens of x, `units` units of 8 inputs per token (those past K are zeros), into out
+// (unitSlot's layout), and each token's scale into scale (every thread gets them): the whole block takes part, each
+// thread loading kUnitBatch units at once. When the rows fit one batch per thread, x is read once and quantized from
+// registers; otherwise a second pass reads it again, mostly from L1.
+template <typename T, int kRows, bool kInterleaved>
+__device__ void quantizeTokens(T const* x, int units, int K, float* partial, uint2* out, float (&scale)[kRows])
+{
+    int const total = kRows * units;
+    bool const onePass = total <= kUnitBatch * kThreads;
+    float v[kUnitBatch][8];
+    float amax[kRows];
+    for (int m = 0; m < kRows; ++m)
+    {
+        amax[m] = 0.0f;
+    }
     for (int u0 = threadIdx.x; u0 < total; u0 += kUnitBatch * kThreads)
     {
-        float v[kUnitBatch][8];
         for (int b = 0; b < kUnitBatch; ++b)
         {
             loadUnit(x, u0 + b * kThreads, units, total, K, v[b]);
@@ -181,122 +227,113 @@ __device__ void quantizeTokens(T const* x, int rows, int units, int K, float* sc
                 local = fmaxf(local, fabsf(v[b][i]));
             }
             int const m = (u0 + b * kThreads) / units;
-            for (int t = 0; t < kGemvMaxTokens; ++t)
+            for (int r = 0; r < kRows; ++r)
             {
-                amax[t] = t == m ? fmaxf(amax[t], local) : amax[t];
+                amax[r] = r == m ? fmaxf(amax[r], local) : amax[r];
             }
         }
     }
     blockAbsmax(amax, partial);
-    for (int t = 0; t < kGemvMaxTokens; ++t)
+    for (int m = 0; m < kRows; ++m)
     {
-        if (threadIdx.x == t)
-        {
-            scales[t] = actScale(amax[t]);
-        }
+        scale[m] = actScale(amax[m]);
     }
-    __syncthreads();
     for (int u0 = threadIdx.x; u0 < total; u0 += kUnitBatch * kThreads)
     {
-        float v[kUnitBatch][8];
-        for (int b = 0; b < kUnitBatch; ++b)
+        if (!onePass)
         {
-            loadUnit(x, u0 + b * kThreads, units, total, K, v[b]);
+#pragma unroll
+            for (int b = 0; b < kUnitBatch; ++b)
+            {
+                loadUnit(x, u0 + b * kThreads, units, total, K, v[b]);
+            }
         }
         for (int b = 0; b < kUnitBatch; ++b)
         {
-            int const u = u0 + b * kThreads;
+            int const u = u0 + b * kThreads, m = u / units;
+            float s = scale[0];
+            for (int r = 1; r < kRows; ++r)
+            {
+                s = r == m ? scale[r] : s;
+            }
             if (u < total)
             {
-                out[u] = quantizeUnit(v[b], scales[u / units]);
+                out[unitSlot<kInterleaved>(u, units)] = quantizeUnit(v[b], s);
             }
         }
     }
 }
 
-// ---- GEMV: M <= 4 tokens, one kernel.
-// Grid: ceil(N / 32) blocks of 256 threads; warp w of block b owns rows 32b + 4w .. + 3. Each lane reads kWords
-// consecutive words of each of its 4 rows per step (a 16-byte load when rows are 16-byte aligned).
-template <typename T, int kWords>
-__global__ void __launch_bounds__(kThreads) gemvKernel(T const* __restrict__ x, uint8_t const* __restrict__ packed,
-    float const* __restrict__ weightScale, T* __restrict__ y, int M, int K, int N)
+// ---- GEMV: kTokens <= 4 tokens, one kernel.
+// Grid: ceil(N / 32) blocks of 256 threads; warp w of block b owns rows 32b + 4w .. + 3. Lane l holds chunks l and
+// l + 32 of each of its rows (slots 0, 1), then l + 64, l + 96, ..., each slot refilled once it is used.
+template <typename T, int kTokens, bool kAligned>
+__global__ void __launch_bounds__(kThreads, 2) gemvKernel(T const* __restrict__ x, uint8_t const* __restrict__ packed,
+    float const* __restrict__ weightScale, T* __restrict__ y, int K, int N)
 {
-    extern __shared__ uint4 xq[]; // [M][groups] permuted int8 groups of 16
-    __shared__ float partial[kThreads / 32 * kGemvMaxTokens];
-    __shared__ float scales[kGemvMaxTokens];
+    extern __shared__ uint4 xs[]; // [kTokens][4 chunks] interleaved permuted groups (unitSlot)
+    __shared__ float partial[kWarps * kTokens];
     letNextKernelLaunch();
     int const lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int const groups = (K + 15) / 16, rowBytes = (K + 3) / 4;
+    int const rowBytes = (K + 3) / 4, chunks = (rowBytes + 15) / 16;
     int const row0 = blockIdx.x * kGemvRowsPerBlock + warp * kGemvRowsPerWarp;
-    constexpr int kStep = 32 * kWords;
+    constexpr int kStride = 32 * kGemvSlots; // chunks per pass over the slots
 
-    uint32_t cur[kGemvRowsPerWarp][kWords];
-    auto load = [&](int base, uint32_t(&w)[kGemvRowsPerWarp][kWords]) {
-        for (int r = 0; r < kGemvRowsPerWarp; ++r)
-        {
-            int const n = row0 + r, j = base + lane * kWords;
-            uint8_t const* row = packed + static_cast<size_t>(n) * rowBytes;
-            if (kWords == 4)
-            {
-                uint4 v = n < N && j < groups ? __ldg(reinterpret_cast<uint4 const*>(row) + j / 4) : make_uint4(0, 0, 0, 0);
-                w[r][0] = v.x, w[r][1] = v.y, w[r][2] = v.z, w[r][3] = v.w;
-            }
-            else
-            {
-                for (int q = 0; q < kWords; ++q)
-                {
-                    w[r][q] = n < N ? loadWord<false>(row, j + q, rowBytes) : 0u;
-                }
-            }
-        }
+    auto load = [&](int r, int c) {
+        int const n = row0 + r;
+        return n < N ? loadChunk<kAligned>(packed + static_cast<size_t>(n) * rowBytes, c, rowBytes)
+                     : make_uint4(0, 0, 0, 0);
     };
-    load(0, cur); // weights first: they do not depend on the previous kernel
+    uint4 w[kGemvRowsPerWarp][kGemvSlots];
+    for (int r = 0; r < kGemvRowsPerWarp; ++r)
+    {
+        for (int s = 0; s < kGemvSlots; ++s)
+        {
+            w[r][s] = load(r, lane + 32 * s); // weights first: they do not depend on the previous kernel
+        }
+    }
     waitPreviousKernel();
 
-    quantizeTokens(x, M, 2 * groups, K, scales, partial, reinterpret_cast<uint2*>(xq));
+    float scale[kTokens];
+    quantizeTokens<T, kTokens, true>(x, 8 * chunks, K, partial, reinterpret_cast<uint2*>(xs), scale);
     __syncthreads();
 
-    int acc[kGemvRowsPerWarp][kGemvMaxTokens] = {};
-    for (int base = 0; base < groups; base += kStep)
+    int acc[kGemvRowsPerWarp][kTokens] = {};
+    for (int base = 0; base < chunks; base += kStride)
     {
-        uint32_t next[kGemvRowsPerWarp][kWords];
-        if (base + kStep < groups)
+#pragma unroll
+        for (int s = 0; s < kGemvSlots; ++s)
         {
-            load(base + kStep, next);
-        }
-        for (int q = 0; q < kWords; ++q)
-        {
-            int const j = base + lane * kWords + q;
-            if (j >= groups)
+            int const c = base + lane + 32 * s;
+            if (c < chunks)
             {
-                break;
-            }
-            uint4 xw[kGemvMaxTokens];
-            for (int m = 0; m < kGemvMaxTokens; ++m)
-            {
-                xw[m] = m < M ? xq[m * groups + j] : make_uint4(0, 0, 0, 0);
-            }
-            for (int r = 0; r < kGemvRowsPerWarp; ++r)
-            {
-                uint32_t w[4];
-                decodeWord(cur[r][q], w);
-                for (int m = 0; m < kGemvMaxTokens; ++m)
+                for (int q = 0; q < 4; ++q)
                 {
-                    int a = acc[r][m];
-                    a = __dp4a(static_cast<int>(w[0]), static_cast<int>(xw[m].x), a);
-                    a = __dp4a(static_cast<int>(w[1]), static_cast<int>(xw[m].y), a);
-                    a = __dp4a(static_cast<int>(w[2]), static_cast<int>(xw[m].z), a);
-                    acc[r][m] = __dp4a(static_cast<int>(w[3]), static_cast<int>(xw[m].w), a);
+                    uint4 xw[kTokens];
+                    for (int m = 0; m < kTokens; ++m)
+                    {
+                        xw[m] = xs[(4 * m + q) * chunks + c];
+                    }
+                    for (int r = 0; r < kGemvRowsPerWarp; ++r)
+                    {
+                        uint32_t b[4];
+                        decodeWord(wordOf(w[r][s], q), b);
+                        for (int m = 0; m < kTokens; ++m)
+                        {
+                            int a = acc[r][m];
+                            a = __dp4a(static_cast<int>(b[0]), static_cast<int>(xw[m].x), a);
+                            a = __dp4a(static_cast<int>(b[1]), static_cast<int>(xw[m].y), a);
+                            a = __dp4a(static_cast<int>(b[2]), static_cast<int>(xw[m].z), a);
+                            acc[r][m] = __dp4a(static_cast<int>(b[3]), static_cast<int>(xw[m].w), a);
+                        }
+                    }
                 }
             }
-        }
-        if (base + kStep < groups)
-        {
-            for (int r = 0; r < kGemvRowsPerWarp; ++r)
+            if (base + kStride < chunks)
             {
-                for (int q = 0; q < kWords; ++q)
+                for (int r = 0; r < kGemvRowsPerWarp; ++r)
                 {
-                    cur[r][q] = next[r][q];
+                    w[r][s] = load(r, c + kStride);
                 }
             }
         }
@@ -305,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) gemvKernel(T const* __restrict__ x, 
     float const beta = *weightScale;
     for (int r = 0; r < kGemvRowsPerWarp; ++r)
     {
-        for (int m = 0; m < kGemvMaxTokens; ++m)
+        for (int m = 0; m < kTokens; ++m)
         {
             int a = acc[r][m];
             for (int o = 16; o > 0; o >>= 1)
@@ -313,9 +350,9 @@ __global__ void __launch_bounds__(kThreads) gemvKernel(T const* __restrict__ x, 
                 a += __shfl_xor_sync(0xffffffffu, a, o);
             }
             int const n = row0 + r;
-            if (lane == 0 && m < M && n < N)
+            if (lane == 0 && n < N)
             {
-                y[static_cast<size_t>(m) * N + n] = fromFloat<T>(__fmul_rn(static_cast<float>(a), __fdiv_rn(beta, scales[m])));
+                y[static_cast<size_t>(m) * N + n] = fromFloat<T>(__fmul_rn(static_cast<float>(a), __fdiv_rn(beta, scale[m])));
             }
         }
     }
@@ -327,12 +364,12 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) quantizeKernel(
     T const* __restrict__ x, uint2* __restrict__ xq, float* __restrict__ scales, int K, int paddedGroups)
 {
-    __shared__ float partial[kThreads / 32 * kGemvMaxTokens];
-    __shared__ float scale[kGemvMaxTokens];
+    __shared__ float partial[kWarps];
     letNextKernelLaunch();
     waitPreviousKernel(); // reads x; also, the previous call's MMA kernel may still read xq
     size_t const token = blockIdx.x;
-    quantizeTokens(x + token * K, 1, 2 * paddedGroups, K, scale, partial, xq + token * 2 * paddedGroups);
+    float scale[1];
+    quantizeTokens<T, 1, false>(x + token * K, 2 * paddedGroups, K, partial, xq + token * 2 * paddedGroups, scale);
     if (threadIdx.x == 0)
     {
         scales[token] = scale[0];
@@ -348,83 +385,118 @@ __device__ __forceinline__ void mmaInt8(int (&c)[4], uint32_t a0, uint32_t a1, u
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// ---- batch path, 2: grid (ceil(N / 32), ceil(M / (16 kTiles))) blocks of 4 warps; a warp owns 8 output columns
-// and 16 kTiles tokens. Lane (g, t) = (lane / 4, lane % 4): per 64 inputs, group 4c + t of the chunk c, it reads the
-// weight word of column g and the x_int groups of rows g and g + 8 of each tile; the MMA fragments (A rows g, g + 8,
-// K = 4t..4t+3 and 16+4t..; B column g, the same K) take permuted words q = 0, 1 and then q = 2, 3 of that group.
-template <typename T, int kTiles, bool kAlignedRows>
-__global__ void __launch_bounds__(kMmaWarps * 32) mmaKernel(uint4 const* __restrict__ xq,
+// ---- batch path, 2: grid (ceil(N / (32 kWarpsN)), ceil(M / (16 kTiles))) blocks of 8 warps. Warp (wn, wk) =
+// (warp % kWarpsN, warp / kWarpsN) owns 32 output columns (4 MMA tiles of 8) and the block's 16 kTiles tokens, over
+// the superchunks wk, wk + kWarpsK, ... (256 inputs each). Lane (g, t) = (lane / 4, lane % 4): per superchunk sc it
+// reads chunk 4 sc + t (groups G = 16 sc + 4t + i, i = 0..3) of column g of each tile, and the x_int of the same
+// groups of rows g and g + 8 of each token tile; per group, the MMA fragments (A rows g, g + 8, K = 4t..4t+3 and
+// 16+4t..; B column g, the same K) take permuted words q = 0, 1 and then q = 2, 3 of group G. The warps' int32 tiles
+// are added in shared memory.
+template <typename T, int kTiles, int kWarpsN, bool kAligned>
+__global__ void __launch_bounds__(kThreads, 2) mmaKernel(uint4 const* __restrict__ xq,
     float const* __restrict__ scales, uint8_t const* __restrict__ packed, float const* __restrict__ weightScale,
     T* __restrict__ y, int M, int K, int N, int paddedGroups)
 {
-    constexpr int kDepth = 8 / kTiles; // chunks per buffer: two buffers, one loading while the other multiplies
+    constexpr int kWarpsK = kWarps / kWarpsN;
+    constexpr int kAcc = kTiles * kMmaColumnTiles * 4; // accumulators per lane
+    __shared__ int partials[kWarps][kAcc][32];
     letNextKernelLaunch();
-    int const lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int const n0 = (blockIdx.x * kMmaWarps + (threadIdx.x >> 5)) * kMmaColumns;
+    int const lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    int const wn = warp % kWarpsN, wk = warp / kWarpsN;
+    int const n0 = (blockIdx.x * kWarpsN + wn) * kMmaWarpColumns;
     int const m0 = blockIdx.y * 16 * kTiles;
-    if (n0 >= N)
+    int const rowBytes = (K + 3) / 4, chunks = paddedGroups / 4, superchunks = (chunks + 3) / 4;
+
+    auto loadWeights = [&](int sc, uint4(&w)[kMmaColumnTiles]) {
+        for (int j = 0; j < kMmaColumnTiles; ++j)
+        {
+            int const n = n0 + 8 * j + g;
+            w[j] = n < N ? loadChunk<kAligned>(packed + static_cast<size_t>(n) * rowBytes, 4 * sc + t, rowBytes)
+                         : make_uint4(0, 0, 0, 0);
+        }
+    };
+    uint4 w[kMmaDepth][kMmaColumnTiles];
+    for (int d = 0; d < kMmaDepth; ++d)
     {
-        return; // the whole warp
+        loadWeights(wk + kWarpsK * d, w[d]); // weights first: they do not depend on the previous kernel
     }
-    int const rowBytes = (K + 3) / 4, n = n0 + g, chunks = paddedGroups / 4;
-    uint8_t const* row = packed + static_cast<size_t>(n < N ? n : 0) * rowBytes;
     waitPreviousKernel();
 
-    // chunk c: this thread's weight word (group 4c + t of column n) and x_int groups of rows g, g + 8 of each tile
-    auto load = [&](int c0, uint32_t(&w)[kDepth], uint4(&a)[kDepth][kTiles][2]) {
-        for (int d = 0; d < kDepth; ++d)
+    // group i of superchunk sc of rows g, g + 8 of each token tile; zeros past M and past the padded row
+    auto loadActivations = [&](int sc, int i, uint4(&a)[kTiles][2]) {
+        int const c = 4 * sc + t;
+        for (int tile = 0; tile < kTiles; ++tile)
         {
-            int const c = c0 + d, group = 4 * c + t;
-            bool const in = c < chunks;
-            w[d] = in && n < N ? loadWord<kAlignedRows>(row, group, rowBytes) : 0u;
-            for (int tile = 0; tile < kTiles; ++tile)
+            for (int half = 0; half < 2; ++half)
             {
-                for (int half = 0; half < 2; ++half)
+                int const r = m0 + 16 * tile + g + 8 * half;
+                a[tile][half] = c < chunks && r < M ? __ldg(xq + static_cast<size_t>(r) * paddedGroups + 4 * c + i)
+                                                    : make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+    int acc[kTiles][kMmaColumnTiles][4] = {};
+    auto multiply = [&](int sc, uint4 const(&w)[kMmaColumnTiles]) {
+        uint4 a[4][kTiles][2];
+        for (int i = 0; i < 4; ++i)
+        {
+            loadActivations(sc, i, a[i]);
+        }
+        for (int i = 0; i < 4; ++i)
+        {
+            for (int j = 0; j < kMmaColumnTiles; ++j)
+            {
+                uint32_t b[4];
+                decodeWord(wordOf(w[j], i), b);
+                for (int tile = 0; tile < kTiles; ++tile)
                 {
-                    int const r = m0 + 16 * tile + g + 8 * half;
-                    a[d][tile][half] = in && r < M ? __ldg(xq + static_cast<size_t>(r) * paddedGroups + group)
-                                                   : make_uint4(0, 0, 0, 0);
+                    uint4 const& lo = a[i][tile][0];
+                    uint4 const& hi = a[i][tile][1];
+                    mmaInt8(acc[tile][j], lo.x, hi.x, lo.y, hi.y, b[0], b[1]);
+                    mmaInt8(acc[tile][j], lo.z, hi.z, lo.w, hi.w, b[2], b[3]);
                 }
             }
         }
     };
-    int acc[kTiles][4] = {};
-    auto multiply = [&](uint32_t const(&w)[kDepth], uint4 const(&a)[kDepth][kTiles][2]) {
-        for (int d = 0; d < kDepth; ++d)
+    for (int s0 = 0; wk + kWarpsK * s0 < superchunks; s0 += kMmaDepth)
+    {
+#pragma unroll
+        for (int d = 0; d < kMmaDepth; ++d)
         {
-            uint32_t b[4];
-            decodeWord(w[d], b);
-            for (int tile = 0; tile < kTiles; ++tile)
+            int const sc = wk + kWarpsK * (s0 + d);
+            if (sc < superchunks) // the whole warp
             {
-                uint4 const& lo = a[d][tile][0];
-                uint4 const& hi = a[d][tile][1];
-                mmaInt8(acc[tile], lo.x, hi.x, lo.y, hi.y, b[0], b[1]);
-                mmaInt8(acc[tile], lo.z, hi.z, lo.w, hi.w, b[2], b[3]);
+                multiply(sc, w[d]);
+                loadWeights(sc + kWarpsK * kMmaDepth, w[d]); // zeros past the row
             }
         }
-    };
-    uint32_t w0[kDepth], w1[kDepth];
-    uint4 a0[kDepth][kTiles][2], a1[kDepth][kTiles][2];
-    load(0, w0, a0);
-    for (int c0 = 0; c0 < chunks; c0 += 2 * kDepth) // chunks past the end load as zeros, which add nothing
-    {
-        load(c0 + kDepth, w1, a1);
-        multiply(w0, a0);
-        load(c0 + 2 * kDepth, w0, a0);
-        multiply(w1, a1);
     }
 
-    float const beta = *weightScale;
     for (int tile = 0; tile < kTiles; ++tile)
     {
-        for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < kMmaColumnTiles; ++j)
         {
-            int const r = m0 + 16 * tile + g + 8 * (i >> 1), col = n0 + 2 * t + (i & 1);
-            if (r < M && col < N)
+            for (int e = 0; e < 4; ++e)
             {
-                y[static_cast<size_t>(r) * N + col]
-                    = fromFloat<T>(__fmul_rn(static_cast<float>(acc[tile][i]), __fdiv_rn(beta, scales[r])));
+                partials[warp][(tile * kMmaColumnTiles + j) * 4 + e][lane] = acc[tile][j][e];
             }
+        }
+    }
+    __syncthreads();
+    // warp (wn, wk) adds up and stores accumulators wk, wk + kWarpsK, ... of the columns of warps (wn, *)
+    float const beta = *weightScale;
+    for (int i = wk; i < kAcc; i += kWarpsK)
+    {
+        int sum = 0;
+        for (int k = 0; k < kWarpsK; ++k)
+        {
+            sum += partials[k * kWarpsN + wn][i][lane];
+        }
+        int const tile = i / (4 * kMmaColumnTiles), j = i / 4 % kMmaColumnTiles, e = i % 4;
+        int const r = m0 + 16 * tile + g + 8 * (e >> 1), col = n0 + 8 * j + 2 * t + (e & 1);
+        if (r < M && col < N)
+        {
+            y[static_cast<size_t>(r) * N + col] = fromFloat<T>(__fmul_rn(static_cast<float>(sum), __fdiv_rn(beta, scales[r])));
         }
     }
 }
@@ -441,7 +513,32 @@ size_t batchWorkspace(int64_t M, int64_t K)
 
 bool gemvFits(int64_t M, int64_t K)
 {
-    return M <= kGemvMaxTokens && M * ((K + 15) / 16) * 16 <= kGemvMaxSmem;
+    return M <= kGemvMaxTokens && M * paddedGroupsOf(K) * 16 <= kGemvMaxSmem;
+}
+
+bool wholeChunkRows(int K)
+{
+    return ((K + 3) / 4) % 16 == 0; // rows of whole 16-byte chunks
+}
+
+template <typename T, int kTokens>
+cudaError_t launchGemv(T const* x, uint8_t const* packed, float const* scale, T* y, int K, int N, cudaStream_t stream)
+{
+    dim3 const grid((N + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock);
+    size_t const smem = kTokens * paddedGroupsOf(K) * sizeof(uint4);
+    return wholeChunkRows(K) ? launch(gemvKernel<T, kTokens, true>, grid, kThreads, smem, stream, x, packed, scale, y, K, N)
+                             : launch(gemvKernel<T, kTokens, false>, grid, kThreads, smem, stream, x, packed, scale, y, K, N);
+}
+
+template <typename T, int kTiles, int kWarpsN>
+cudaError_t launchMma(uint4 const* xq, float const* scales, uint8_t const* packed, float const* scale, T* y, int M,
+    int K, int N, int paddedGroups, cudaStream_t stream)
+{
+    dim3 const grid((N + kWarpsN * kMmaWarpColumns - 1) / (kWarpsN * kMmaWarpColumns), (M + 16 * kTiles - 1) / (16 * kTiles));
+    return wholeChunkRows(K) ? launch(mmaKernel<T, kTiles, kWarpsN, true>, grid, kThreads, 0, stream, xq, scales, packed,
+                                   scale, y, M, K, N, paddedGroups)
+                             : launch(mmaKernel<T, kTiles, kWarpsN, false>, grid, kThreads, 0, stream, xq, scales,
+                                   packed, scale, y, M, K, N, paddedGroups);
 }
 
 template <typename T>
@@ -452,11 +549,13 @@ cudaError_t run(void const* x, uint8_t const* packed, float const* scale, void* 
     auto* yt = static_cast<T*>(y);
     if (gemvFits(M, K))
     {
-        dim3 const grid((N + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock);
-        size_t const smem = static_cast<size_t>(M) * ((K + 15) / 16) * 16;
-        bool const rows16 = ((K + 3) / 4) % 16 == 0; // 16-byte aligned rows of whole 4-word steps
-        return rows16 ? launch(gemvKernel<T, 4>, grid, kThreads, smem, stream, xt, packed, scale, yt, M, K, N)
-                      : launch(gemvKernel<T, 1>, grid, kThreads, smem, stream, xt, packed, scale, yt, M, K, N);
+        switch (M)
+        {
+        case 1: return launchGemv<T, 1>(xt, packed, scale, yt, K, N, stream);
+        case 2: return launchGemv<T, 2>(xt, packed, scale, yt, K, N, stream);
+        case 3: return launchGemv<T, 3>(xt, packed, scale, yt, K, N, stream);
+        default: return launchGemv<T, 4>(xt, packed, scale, yt, K, N, stream);
+        }
     }
     int const paddedGroups = static_cast<int>(paddedGroupsOf(K));
     auto* xq = static_cast<uint4*>(workspace); // M rows of paddedGroups permuted groups of 16
@@ -468,21 +567,15 @@ cudaError_t run(void const* x, uint8_t const* packed, float const* scale, void* 
     {
         return status;
     }
-    int const blocksN = (N + kMmaWarps * kMmaColumns - 1) / (kMmaWarps * kMmaColumns);
-    bool const aligned = ((K + 3) / 4) % 4 == 0;
     if (M <= 16)
     {
-        dim3 const grid(blocksN, (M + 15) / 16);
-        return aligned ? launch(mmaKernel<T, 1, true>, grid, kMmaWarps * 32, 0, stream, xq, scales, packed, scale, yt,
-                             M, K, N, paddedGroups)
-                       : launch(mmaKernel<T, 1, false>, grid, kMmaWarps * 32, 0, stream, xq, scales, packed, scale,
-                             yt, M, K, N, paddedGroups);
+        return launchMma<T, 1, 1>(xq, scales, packed, scale, yt, M, K, N, paddedGroups, stream);
     }
-    dim3 const grid(blocksN, (M + 31) / 32);
-    return aligned ? launch(mmaKernel<T, 2, true>, grid, kMmaWarps * 32, 0, stream, xq, scales, packed, scale, yt, M,
-                         K, N, paddedGroups)
-                   : launch(mmaKernel<T, 2, false>, grid, kMmaWarps * 32, 0, stream, xq, scales, packed, scale, yt, M,
-                         K, N, paddedGroups);
+    if (M <= 32)
+    {
+        return launchMma<T, 2, 1>(xq, scales, packed, scale, yt, M, K, N, paddedGroups, stream);
+    }
+    return launchMma<T, 2, 2>(xq, scales, packed, scale, yt, M, K, N, paddedGroups, stream);
 }
 
 class BitLinearPlugin : public PluginBase

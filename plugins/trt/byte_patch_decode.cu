@@ -12,12 +12,30 @@
 // asks for sampling is refused when the plugin is created, with a message saying so. The Python plugin samples.
 //
 // The weights go to the GPU once per plugin object (onShapeChange, or the first enqueue), in the feature's dtype;
-// activations, LayerNorm statistics and sums are float32. A step is the GPT-2 decoder on one new position per row:
-// per layer LayerNorm + QKV, attention over the KV cache slots so far, projection + residual, LayerNorm + MLP up with
-// GELU (tanh), MLP down + residual; then ln_f + LM head, and the selection (argmax, forced bytes, the end mark, the
-// next input byte's embedding). The KV cache and activations live in TensorRT's workspace. All kernels go on the
-// given stream, with programmatic dependent launch on sm_90+ so that each kernel's weight loads overlap the previous
-// kernel's tail; nothing synchronizes, so the application may capture the stream into a CUDA graph.
+// activations, LayerNorm statistics and sums are float32. A step is the GPT-2 decoder on one new position per row,
+// then ln_f + LM head and the selection (argmax, forced bytes, the end mark, the next input byte's embedding). A step
+// reads all the weights (84 MB for bGPT base in float32), so two paths:
+//
+// - Up to kGemvMaxRows rows (the GEMV path), 4 + 4 + 4 + 1 kernels per step for 3 layers, after the design of the
+//   fused Triton kernels (plugins/decode_kernels.py): per layer qkvAttentionKernel (LayerNorm + QKV projection; the
+//   last block of a head, counted with an atomic counter, attends for that head over the KV cache), gemvKernel for
+//   attn c_proj + residual, for LayerNorm + c_fc + GELU, for mlp c_proj + residual; then headSelectKernel (ln_f + LM
+//   head; its last block selects every row's byte and writes the next step's input). A step's input after the first
+//   is wte[byte] + wpe[step], so the first layer's LayerNorm + QKV is a row of a table computed once with the weights
+//   ((P - 1) x 257 x 3 C float32, 35 MB for bGPT base): there tableAttentionKernel, reading no weights, stands in for
+//   qkvAttentionKernel. A GEMV block owns a few whole weight rows (about N / SMs of them, so that each kernel is one
+//   wave) and copies them into shared memory with cp.async before it waits for the previous kernel (programmatic
+//   dependent launch): the weights of the next kernels stream while the current one finishes, and after the wait
+//   only the input rows (from L2) remain. All batch rows are computed from that one copy of the weights: a warp takes
+//   two weight rows at a time, lanes split K in float4s.
+// - More rows (the GEMM path), 7 kernels per layer + 3: LayerNorm kernels, a register-tiled SGEMM (64 x 16 output
+//   tiles, 4 x 2 per thread, shared-memory staging of A and W, float32 FMA; each weight read once per step and M tile)
+//   with bias / GELU / residual epilogues, the attention and the selection with a warp per (row, head) / row.
+//
+// The KV cache and activations live in TensorRT's workspace; its last region holds the atomic counters (zeroed by
+// the first kernel, reset by the block that finishes each count). A row has ended when its previous byte is 256 (the
+// output itself). All kernels go on the given stream, with programmatic dependent launch on sm_90+; nothing
+// synchronizes, so the application may capture the stream into a CUDA graph.
 #include "common.h"
 
 #include <cuda_fp16.h>
@@ -33,10 +51,13 @@ namespace
 constexpr char kName[] = "BytePatchDecode";
 constexpr int kSymbols = 257; // bytes 0..255 and 256
 constexpr int kEnd = 256;
-constexpr int kLinearWarps = 8;
-constexpr int kRowsPerPass = 8; // batch rows staged in shared memory at a time
-constexpr int kChunk = 1024;    // inputs staged at a time
-constexpr int kSelectThreads = 256;
+constexpr int kGemvMaxRows = 8;  // batch rows of the GEMV path
+constexpr int kGemvThreads = 128;
+constexpr int kRowThreads = 128; // LayerNorm, attention, selection: a warp per row or (row, head)
+constexpr int kTileM = 64, kTileN = 16, kTileK = 32, kGemmThreads = 128;
+constexpr int kMaxCounters = 64; // the counters' region holds at least 256 bytes
+constexpr int kMaxEmbd = 1024;
+constexpr int kReservedSmem = 1024; // of the opt-in shared memory per block: the kernels' static shared memory
 constexpr float kLayerNormEps = 1e-5f;
 
 enum Epilogue
@@ -71,33 +92,35 @@ struct Layout
     int64_t size() const { return lnFB() + C; }
 };
 
-template <typename T>
-struct Vec; // one 16-byte weight load
-template <>
-struct Vec<float>
-{
-    static constexpr int kCount = 4;
-};
-template <>
-struct Vec<__half>
-{
-    static constexpr int kCount = 8;
-};
+// ---- device helpers
 
-__device__ __forceinline__ void unpack(uint4 v, float (&out)[4])
+__device__ __forceinline__ float4 load4(float const* p)
 {
-    out[0] = __uint_as_float(v.x), out[1] = __uint_as_float(v.y), out[2] = __uint_as_float(v.z),
-    out[3] = __uint_as_float(v.w);
+    return *reinterpret_cast<float4 const*>(p);
 }
 
-__device__ __forceinline__ void unpack(uint4 v, float (&out)[8])
+__device__ __forceinline__ float4 load4(__half const* p)
 {
-    __half2 const* h = reinterpret_cast<__half2 const*>(&v);
-    for (int i = 0; i < 4; ++i)
-    {
-        float2 const f = __half22float2(h[i]);
-        out[2 * i] = f.x, out[2 * i + 1] = f.y;
-    }
+    uint2 const v = *reinterpret_cast<uint2 const*>(p);
+    float2 const lo = __half22float2(*reinterpret_cast<__half2 const*>(&v.x));
+    float2 const hi = __half22float2(*reinterpret_cast<__half2 const*>(&v.y));
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
+// Activations written by earlier kernels (or by other blocks of this one): read from L2.
+__device__ __forceinline__ float4 loadL2(float4 const* p)
+{
+    return __ldcg(p);
+}
+
+__device__ __forceinline__ float loadL2(float const* p)
+{
+    return __ldcg(p);
+}
+
+__device__ __forceinline__ float dot4(float4 a, float4 b)
+{
+    return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
 
 __device__ __forceinline__ float warpSum(float v)
@@ -109,229 +132,682 @@ __device__ __forceinline__ float warpSum(float v)
     return v;
 }
 
+__device__ __forceinline__ float warpMax(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    }
+    return v;
+}
+
 __device__ __forceinline__ float geluTanh(float v)
 {
     return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 }
 
-// out (B, N) (=, GELU of, or += ) in (B, K) (after a LayerNorm when kNorm; then K <= kChunk) times weight (N, K)^T
-// + bias. Grid ceil(N / 8) blocks of 8 warps, one output column per warp; rows go through shared memory 8 at a time, in
-// chunks of 1024 inputs, each thread loading its part of a chunk at once. The warp's first weight chunk and the
-// LayerNorm's gain and shift are loaded before waiting for the previous kernel.
-template <typename T, bool kNorm, int kEpilogue>
-__global__ void __launch_bounds__(kLinearWarps * 32) linearKernel(float const* __restrict__ in, float* out, int B,
-    int K, int N, T const* __restrict__ weight, T const* __restrict__ bias, T const* __restrict__ normWeight,
-    T const* __restrict__ normBias)
+template <int kEpilogue>
+__device__ __forceinline__ float applyEpilogue(float v, float residual)
 {
-    constexpr int kThreads = kLinearWarps * 32, kPer = Vec<T>::kCount, kVecs = kChunk / (32 * kPer);
-    constexpr int kStage = kRowsPerPass * kChunk / 4 / kThreads; // float4 of a chunk per thread
-    __shared__ __align__(16) float xs[kRowsPerPass][kChunk];
-    __shared__ float gain[kNorm ? kChunk : 1], shift[kNorm ? kChunk : 1];
-    __shared__ float mean[kRowsPerPass], rstd[kRowsPerPass];
-    letNextKernelLaunch();
-    int const lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int const n = blockIdx.x * kLinearWarps + warp;
-    T const* row = weight + static_cast<size_t>(n < N ? n : 0) * K;
-    uint4 w[kVecs];
-    auto loadChunk = [&](int k0) {
-        for (int v = 0; v < kVecs; ++v)
-        {
-            int const k = k0 + (v * 32 + lane) * kPer;
-            w[v] = n < N && k < K ? __ldg(reinterpret_cast<uint4 const*>(row + k)) : make_uint4(0, 0, 0, 0);
-        }
-    };
-    loadChunk(0);
-    int loaded = 0;
-    if (kNorm)
+    if (kEpilogue == kGelu)
     {
-        for (int k = threadIdx.x; k < K; k += kThreads)
+        return geluTanh(v);
+    }
+    return kEpilogue == kAddResidual ? residual + v : v;
+}
+
+// bytes (a multiple of 16) from global to shared memory without registers (cp.async, sm_80+), by the whole block.
+__device__ __forceinline__ void copyAsync(void* shared, void const* global, int bytes)
+{
+    for (int i = threadIdx.x * 16; i < bytes; i += blockDim.x * 16)
+    {
+        char* to = static_cast<char*>(shared) + i;
+        char const* from = static_cast<char const*>(global) + i;
+#if __CUDA_ARCH__ >= 800
+        unsigned const address = static_cast<unsigned>(__cvta_generic_to_shared(to));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(from) : "memory");
+#else
+        *reinterpret_cast<uint4*>(to) = *reinterpret_cast<uint4 const*>(from);
+#endif
+    }
+}
+
+__device__ __forceinline__ void copyAsyncCommit()
+{
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void copyAsyncWait()
+{
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void prefetchL2(void const* p)
+{
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// The count-the-blocks pattern of a split reduction: true in the block that is the `total`-th to arrive at counter
+// (after this block's stores, which it then sees with everyone else's); that block resets the counter for next time.
+__device__ bool lastToArrive(int* counter, int total)
+{
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+    {
+        last = atomicAdd(counter, 1) == total - 1;
+        if (last)
         {
-            gain[k] = toFloat(normWeight[k]);
-            shift[k] = toFloat(normBias[k]);
+            *counter = 0;
         }
     }
-    waitPreviousKernel();
-
-    for (int b0 = 0; b0 < B; b0 += kRowsPerPass)
+    __syncthreads();
+    if (last)
     {
-        int const rows = min(kRowsPerPass, B - b0);
-        float acc[kRowsPerPass] = {};
-        for (int k0 = 0; k0 < K; k0 += kChunk)
+        __threadfence();
+    }
+    return last;
+}
+
+// ---- GEMV path: out (B, N) (=, GELU of, or += ) LayerNorm(in (B, K)) times weight (N, K)^T + bias
+
+template <typename T>
+struct Gemv
+{
+    float const* in;
+    float* out;
+    T const* weight;
+    T const* bias;       // or nullptr
+    T const* normWeight; // nullptr: no LayerNorm
+    T const* normBias;
+    int B, K, N, rows; // rows: weight rows per block
+};
+
+// A GEMV block's shared memory, in bytes from its start: its weight rows (T), the LayerNorm's gain and shift (T),
+// the input rows (float), the rows' bias and residual (float); the total.
+struct GemvSmem
+{
+    int weights, gain, shift, x, bias, residual, total;
+
+    __host__ __device__ GemvSmem(int rows, int K, int B, bool norm, int elem)
+    {
+        auto align = [](int bytes) { return (bytes + 15) / 16 * 16; };
+        weights = 0;
+        gain = weights + align(rows * K * elem);
+        shift = gain + (norm ? align(K * elem) : 0);
+        x = shift + (norm ? align(K * elem) : 0);
+        bias = x + align(B * K * 4);
+        residual = bias + align(rows * 4);
+        total = residual + align(B * rows * 4);
+    }
+};
+
+// The input rows into shared memory (all at once: one round trip to L2), and the residual of the block's outputs.
+template <int kEpilogue>
+__device__ void stageInputs(float* x, float* residual, float const* in, float const* out, int B, int K, int N, int n0,
+    int rows)
+{
+    constexpr int kPerThread = 8;
+    int const quads = B * K / 4;
+    float4 const* from = reinterpret_cast<float4 const*>(in);
+    float4* to = reinterpret_cast<float4*>(x);
+    for (int i0 = 0; i0 < quads; i0 += kPerThread * blockDim.x)
+    {
+        float4 v[kPerThread];
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j)
         {
-            if (k0 != loaded)
-            {
-                loadChunk(k0);
-                loaded = k0;
-            }
-            int const quads = min(kChunk, K - k0) / 4, total = rows * quads; // K is a multiple of 8
-            float4 staged[kStage];
-            for (int i = 0; i < kStage; ++i)
-            {
-                int const v = i * kThreads + threadIdx.x;
-                staged[i] = v < total ? *reinterpret_cast<float4 const*>(
-                                in + static_cast<size_t>(b0 + v / quads) * K + k0 + 4 * (v % quads))
-                                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            }
-            for (int i = 0; i < kStage; ++i)
-            {
-                int const v = i * kThreads + threadIdx.x;
-                if (v < total)
-                {
-                    *reinterpret_cast<float4*>(&xs[v / quads][4 * (v % quads)]) = staged[i];
-                }
-            }
-            __syncthreads();
-            if (kNorm) // the whole row is in xs: its mean and variance (two passes), then normalized in place
-            {
-                if (warp < rows)
-                {
-                    float s = 0.0f;
-                    for (int k = lane; k < K; k += 32)
-                    {
-                        s += xs[warp][k];
-                    }
-                    float const mu = warpSum(s) / K;
-                    float d2 = 0.0f;
-                    for (int k = lane; k < K; k += 32)
-                    {
-                        d2 += (xs[warp][k] - mu) * (xs[warp][k] - mu);
-                    }
-                    float const var = warpSum(d2) / K;
-                    if (lane == 0)
-                    {
-                        mean[warp] = mu;
-                        rstd[warp] = rsqrtf(var + kLayerNormEps);
-                    }
-                }
-                __syncthreads();
-                for (int i = threadIdx.x; i < rows * K; i += kThreads)
-                {
-                    int const r = i / K, k = i % K;
-                    xs[r][k] = (xs[r][k] - mean[r]) * rstd[r] * gain[k] + shift[k];
-                }
-                __syncthreads();
-            }
-            for (int v = 0; v < kVecs; ++v)
-            {
-                int const k = (v * 32 + lane) * kPer;
-                if (k >= 4 * quads)
-                {
-                    break;
-                }
-                float wf[kPer];
-                unpack(w[v], wf);
-                for (int r = 0; r < kRowsPerPass; ++r)
-                {
-                    if (r < rows)
-                    {
-                        for (int e = 0; e < kPer; e += 4)
-                        {
-                            float4 const x4 = *reinterpret_cast<float4 const*>(&xs[r][k + e]);
-                            acc[r] += wf[e] * x4.x + wf[e + 1] * x4.y + wf[e + 2] * x4.z + wf[e + 3] * x4.w;
-                        }
-                    }
-                }
-            }
-            __syncthreads();
+            int const i = i0 + j * blockDim.x + threadIdx.x;
+            v[j] = i < quads ? loadL2(from + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
-        for (int r = 0; r < kRowsPerPass; ++r)
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j)
         {
-            if (r >= rows)
+            int const i = i0 + j * blockDim.x + threadIdx.x;
+            if (i < quads)
             {
-                break;
+                to[i] = v[j];
             }
-            float const s = warpSum(acc[r]);
-            if (lane == 0 && n < N)
+        }
+    }
+    if (kEpilogue == kAddResidual)
+    {
+        for (int i = threadIdx.x; i < B * rows; i += blockDim.x)
+        {
+            residual[i] = loadL2(out + static_cast<size_t>(i / rows) * N + n0 + i % rows);
+        }
+    }
+}
+
+// LayerNorm of the B rows in x (shared, in place), a warp per row; mean and variance in two passes.
+template <typename T>
+__device__ void normalizeRows(float* x, T const* gain, T const* shift, int B, int K)
+{
+    int const lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int b = threadIdx.x >> 5; b < B; b += warps)
+    {
+        float* row = x + b * K;
+        float s = 0.0f;
+        for (int k = 4 * lane; k < K; k += 128)
+        {
+            float4 const v = load4(row + k);
+            s += v.x + v.y + v.z + v.w;
+        }
+        float const mean = warpSum(s) / K;
+        float d2 = 0.0f;
+        for (int k = 4 * lane; k < K; k += 128)
+        {
+            float4 const v = load4(row + k);
+            d2 += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean) + (v.z - mean) * (v.z - mean)
+                + (v.w - mean) * (v.w - mean);
+        }
+        float const rstd = rsqrtf(warpSum(d2) / K + kLayerNormEps);
+        for (int k = 4 * lane; k < K; k += 128)
+        {
+            float4 v = load4(row + k);
+            float4 const g = load4(gain + k), h = load4(shift + k);
+            v.x = (v.x - mean) * rstd * g.x + h.x;
+            v.y = (v.y - mean) * rstd * g.y + h.y;
+            v.z = (v.z - mean) * rstd * g.z + h.z;
+            v.w = (v.w - mean) * rstd * g.w + h.w;
+            *reinterpret_cast<float4*>(row + k) = v;
+        }
+    }
+}
+
+// The block's outputs from shared memory: a warp per two weight rows, lanes over K in float4s, every batch row from
+// the same weight loads.
+template <typename T, int kEpilogue>
+__device__ void gemvRows(T const* weights, float const* x, float const* bias, float const* residual, float* out,
+    int B, int K, int N, int n0, int rows)
+{
+    int const lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int r = 2 * (threadIdx.x >> 5); r < rows; r += 2 * warps)
+    {
+        bool const two = r + 1 < rows;
+        T const* w0 = weights + r * K;
+        T const* w1 = two ? w0 + K : w0;
+        float acc0[kGemvMaxRows] = {}, acc1[kGemvMaxRows] = {};
+        for (int k = 4 * lane; k < K; k += 128)
+        {
+            float4 const a = load4(w0 + k), c = load4(w1 + k);
+#pragma unroll
+            for (int b = 0; b < kGemvMaxRows; ++b)
             {
-                float v = s + (bias ? toFloat(bias[n]) : 0.0f);
-                float& o = out[static_cast<size_t>(b0 + r) * N + n];
-                if (kEpilogue == kGelu)
+                if (b < B)
                 {
-                    o = geluTanh(v);
+                    float4 const v = load4(x + b * K + k);
+                    acc0[b] += dot4(a, v);
+                    acc1[b] += dot4(c, v);
                 }
-                else if (kEpilogue == kAddResidual)
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < kGemvMaxRows; ++b)
+        {
+            if (b < B)
+            {
+                float const s0 = warpSum(acc0[b]), s1 = warpSum(acc1[b]);
+                if (lane == 0)
                 {
-                    o += v;
-                }
-                else
-                {
-                    o = v;
+                    float* o = out + static_cast<size_t>(b) * N + n0 + r;
+                    o[0] = applyEpilogue<kEpilogue>(s0 + bias[r], residual[b * rows + r]);
+                    if (two)
+                    {
+                        o[1] = applyEpilogue<kEpilogue>(s1 + bias[r + 1], residual[b * rows + r + 1]);
+                    }
                 }
             }
         }
     }
 }
 
-// One warp per (row, head): writes the step's k, v into cache slot `slot`, then softmax(q K^T / sqrt(D)) V over
-// slots 0..slot, lane s scoring slot s. qkv (B, 3C); cacheK, cacheV (B, H, P, D) of this layer; out (B, C).
-__global__ void __launch_bounds__(32) attentionKernel(
-    float const* __restrict__ qkv, float* cacheK, float* cacheV, float* __restrict__ out, int H, int D, int P, int slot)
+// One block of a GEMV: rows p.rows * blockIdx.x ... Requests its weights, then waits for the previous kernel.
+template <typename T, int kEpilogue>
+__device__ void gemvBlock(Gemv<T> const& p, char* smem)
 {
-    extern __shared__ float shared[]; // q (D), then the slots' weights (slot + 1)
-    float* qs = shared;
-    float* weights = shared + D;
-    letNextKernelLaunch();
-    waitPreviousKernel();
-    int const b = blockIdx.x / H, h = blockIdx.x % H, lane = threadIdx.x, C = H * D;
-    float const* q = qkv + static_cast<size_t>(b) * 3 * C + h * D;
-    float* keys = cacheK + (static_cast<size_t>(b) * H + h) * P * D;
-    float* values = cacheV + (static_cast<size_t>(b) * H + h) * P * D;
-    for (int d = lane; d < D; d += 32)
+    int const n0 = blockIdx.x * p.rows, rows = min(p.rows, p.N - n0);
+    bool const norm = p.normWeight != nullptr;
+    GemvSmem const at(p.rows, p.K, p.B, norm, sizeof(T));
+    T* weights = reinterpret_cast<T*>(smem + at.weights);
+    T* gain = reinterpret_cast<T*>(smem + at.gain);
+    T* shift = reinterpret_cast<T*>(smem + at.shift);
+    float* x = reinterpret_cast<float*>(smem + at.x);
+    float* bias = reinterpret_cast<float*>(smem + at.bias);
+    float* residual = reinterpret_cast<float*>(smem + at.residual);
+
+    copyAsync(weights, p.weight + static_cast<size_t>(n0) * p.K, rows * p.K * static_cast<int>(sizeof(T)));
+    if (norm)
     {
-        qs[d] = q[d];
-        keys[slot * D + d] = q[C + d];
-        values[slot * D + d] = q[2 * C + d];
+        copyAsync(gain, p.normWeight, p.K * static_cast<int>(sizeof(T)));
+        copyAsync(shift, p.normBias, p.K * static_cast<int>(sizeof(T)));
     }
-    __syncwarp();
+    copyAsyncCommit();
+    for (int r = threadIdx.x; r < rows; r += blockDim.x)
+    {
+        bias[r] = p.bias ? toFloat(p.bias[n0 + r]) : 0.0f;
+    }
+    waitPreviousKernel();
+
+    stageInputs<kEpilogue>(x, residual, p.in, p.out, p.B, p.K, p.N, n0, rows);
+    copyAsyncWait();
+    __syncthreads();
+    if (norm)
+    {
+        normalizeRows(x, gain, shift, p.B, p.K);
+        __syncthreads();
+    }
+    gemvRows<T, kEpilogue>(weights, x, bias, residual, p.out, p.B, p.K, p.N, n0, rows);
+}
+
+template <typename T, int kEpilogue>
+__global__ void __launch_bounds__(kGemvThreads) gemvKernel(Gemv<T> p)
+{
+    extern __shared__ __align__(16) char smem[];
+    letNextKernelLaunch();
+    gemvBlock<T, kEpilogue>(p, smem);
+}
+
+// ---- attention and selection (both paths)
+
+// The step's attention for one (row, head), by a warp: q, k and v (D each) at q, q + C and q + 2 C (written by
+// other blocks or the previous kernel); keys and values: the (row, head)'s cache (P, D), slots before `slot` filled.
+// out (D) = softmax(q k^T / sqrt(D)) v over slots 0..slot (lane s scores slots s and s + 32), then k and v go to the
+// cache at the slot.
+__device__ float attentionScore(float const* q, float const* key, int D)
+{
+    float dot = 0.0f;
+    if ((D & 3) == 0)
+    {
+#pragma unroll 16
+        for (int d = 0; d < D; d += 4)
+        {
+            dot += dot4(loadL2(reinterpret_cast<float4 const*>(q + d)), loadL2(reinterpret_cast<float4 const*>(key + d)));
+        }
+    }
+    else
+    {
+        for (int d = 0; d < D; ++d)
+        {
+            dot += loadL2(q + d) * loadL2(key + d);
+        }
+    }
+    return dot;
+}
+
+__device__ void attendHead(float const* q, float* keys, float* values, float* out, int C, int D, int slot)
+{
+    int const lane = threadIdx.x & 31;
     float const scale = rsqrtf(static_cast<float>(D));
-    float score[2] = {-INFINITY, -INFINITY}; // slots lane and lane + 32 (patch_size <= 64)
+    float score[2] = {-INFINITY, -INFINITY};
     for (int i = 0; i < 2; ++i)
     {
         int const s = lane + 32 * i;
         if (s <= slot)
         {
-            float dot = 0.0f;
-#pragma unroll 16
-            for (int d = 0; d < D; ++d)
-            {
-                dot += qs[d] * keys[s * D + d];
-            }
-            score[i] = dot * scale;
+            score[i] = attentionScore(q, s == slot ? q + C : keys + s * D, D) * scale;
         }
     }
-    float top = fmaxf(score[0], score[1]);
-    for (int o = 16; o > 0; o >>= 1)
-    {
-        top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
-    }
+    float const top = warpMax(fmaxf(score[0], score[1]));
     float const e0 = lane <= slot ? __expf(score[0] - top) : 0.0f;
     float const e1 = lane + 32 <= slot ? __expf(score[1] - top) : 0.0f;
     float const total = warpSum(e0 + e1);
-    if (lane <= slot)
+    for (int d0 = 0; d0 < D; d0 += 32) // warp-uniform: the weights go round by shuffles
     {
-        weights[lane] = e0 / total;
-    }
-    if (lane + 32 <= slot)
-    {
-        weights[lane + 32] = e1 / total;
-    }
-    __syncwarp();
-    for (int d = lane; d < D; d += 32)
-    {
+        int const d = d0 + lane;
+        bool const mine = d < D;
+        float const kNew = mine ? loadL2(q + C + d) : 0.0f, vNew = mine ? loadL2(q + 2 * C + d) : 0.0f;
         float o = 0.0f;
-#pragma unroll 16
-        for (int s = 0; s <= slot; ++s)
+#pragma unroll 8
+        for (int s = 0; s < slot; ++s)
         {
-            o += weights[s] * values[s * D + d];
+            float const weight = __shfl_sync(0xffffffffu, s < 32 ? e0 : e1, s & 31);
+            o += mine ? weight * loadL2(values + s * D + d) : 0.0f;
         }
-        out[static_cast<size_t>(b) * C + h * D + d] = o;
+        o += __shfl_sync(0xffffffffu, slot < 32 ? e0 : e1, slot & 31) * vNew;
+        if (mine)
+        {
+            out[d] = o / total;
+            keys[slot * D + d] = kNew;
+            values[slot * D + d] = vNew;
+        }
     }
 }
 
-// The first input of every row: feature + wpe[0]; no row has ended yet.
+// What a step's selection reads and writes.
 template <typename T>
-__global__ void startKernel(T const* __restrict__ feature, T const* __restrict__ wpe, float* __restrict__ x,
-    int* __restrict__ seen, int C)
+struct Select
+{
+    float const* logits; // (B, 257)
+    int const* forced;   // (B, P)
+    int const* nForced;  // (1,)
+    int* patch;          // (B, P)
+    float* x;            // (B, C): the next step's input
+    T const* wte;
+    T const* wpe;
+    int B, C, P, step;
+};
+
+// Row b's byte at the step, by a warp: the argmax of its logits (the first of equal maxima, as torch.argmax), or the
+// forced byte while step < n_forced; 256 once the row's previous byte was 256. Then the next step's input,
+// wte[byte] + wpe[step + 1].
+template <typename T>
+__device__ void selectRow(Select<T> const& s, int b)
+{
+    int const lane = threadIdx.x & 31;
+    float const* row = s.logits + static_cast<size_t>(b) * kSymbols;
+    float value = -INFINITY;
+    int index = lane;
+    for (int i = lane; i < kSymbols; i += 32)
+    {
+        float const v = loadL2(row + i);
+        if (v > value)
+        {
+            value = v, index = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1)
+    {
+        float const v = __shfl_xor_sync(0xffffffffu, value, o);
+        int const i = __shfl_xor_sync(0xffffffffu, index, o);
+        if (v > value || (v == value && i < index))
+        {
+            value = v, index = i;
+        }
+    }
+    int* patch = s.patch + static_cast<size_t>(b) * s.P;
+    int byte = s.step < *s.nForced ? s.forced[static_cast<size_t>(b) * s.P + s.step] : index;
+    if (s.step > 0 && __ldcg(patch + s.step - 1) == kEnd)
+    {
+        byte = kEnd;
+    }
+    if (lane == 0)
+    {
+        patch[s.step] = byte;
+    }
+    if (s.step + 1 < s.P)
+    {
+        int const token = min(max(byte, 0), kEnd);
+        T const* embedding = s.wte + static_cast<size_t>(token) * s.C;
+        T const* position = s.wpe + static_cast<size_t>(s.step + 1) * s.C;
+        for (int c = lane; c < s.C; c += 32)
+        {
+            s.x[static_cast<size_t>(b) * s.C + c] = toFloat(embedding[c]) + toFloat(position[c]);
+        }
+    }
+}
+
+// Where a layer's attention reads and writes: qkv (B, 3 C), the layer's caches (B, H, P, D), out (B, C).
+struct Attention
+{
+    float const* qkv;
+    float* cacheK;
+    float* cacheV;
+    float* out;
+    int B, H, D, P, slot;
+
+    __device__ void attend(int b, int h) const
+    {
+        int const C = H * D;
+        size_t const cache = (static_cast<size_t>(b) * H + h) * P * D;
+        attendHead(qkv + static_cast<size_t>(b) * 3 * C + h * D, cacheK + cache, cacheV + cache,
+            out + static_cast<size_t>(b) * C + h * D, C, D, slot);
+    }
+};
+
+// ---- GEMV path: the fused kernels
+
+// LayerNorm + QKV projection (p: N = 3 C, p.rows dividing D, so a block's rows lie in one head's q, k or v); the
+// last of a head's 3 D / p.rows blocks attends for that head, every row. Before the wait, each block asks L2 for its
+// share of the head's cached keys and values (written a step ago, since evicted by the weights).
+template <typename T>
+__global__ void __launch_bounds__(kGemvThreads) qkvAttentionKernel(Gemv<T> p, Attention a, int* counters)
+{
+    extern __shared__ __align__(16) char smem[];
+    letNextKernelLaunch();
+    int const C = a.H * a.D, n0 = blockIdx.x * p.rows, head = n0 % C / a.D;
+    int const perHead = 3 * a.D / p.rows, share = (n0 / C * a.D + n0 % a.D) / p.rows;
+    int const lines = (a.slot * a.D + 31) / 32; // 128-byte lines of the filled slots
+    for (int i = share + perHead * threadIdx.x; i < 2 * a.B * lines; i += perHead * blockDim.x)
+    {
+        int const b = i / (2 * lines), j = i % (2 * lines);
+        float const* cache = (j < lines ? a.cacheK : a.cacheV) + (static_cast<size_t>(b) * a.H + head) * a.P * a.D;
+        prefetchL2(cache + (j % lines) * 32);
+    }
+    gemvBlock<T, kStore>(p, smem);
+    if (lastToArrive(counters + head, perHead))
+    {
+        for (int b = threadIdx.x >> 5; b < a.B; b += blockDim.x >> 5)
+        {
+            a.attend(b, head);
+        }
+    }
+}
+
+// ln_f + the LM head into logits (p), then the last block selects every row's byte (s).
+template <typename T>
+__global__ void __launch_bounds__(kGemvThreads) headSelectKernel(Gemv<T> p, Select<T> s, int* counter)
+{
+    extern __shared__ __align__(16) char smem[];
+    letNextKernelLaunch();
+    gemvBlock<T, kStore>(p, smem);
+    if (lastToArrive(counter, gridDim.x))
+    {
+        for (int b = threadIdx.x >> 5; b < s.B; b += blockDim.x >> 5)
+        {
+            selectRow(s, b);
+        }
+    }
+}
+
+// Layer 0's attention at steps after the first (GEMV path), a warp per (row, head): a step's input is wte[byte] +
+// wpe[step] with the byte before it, so its first block's q, k and v are a row of the table computed with the
+// weights (first-layer QKV of every (position, byte): (P - 1, 257, 3 C)); this kernel stands in for that layer's
+// qkvAttentionKernel and reads no weights. Before the wait, the warps of row 0 ask L2 for their head's slice of the
+// step's table rows and every warp for its cached keys and values.
+__global__ void __launch_bounds__(kRowThreads) tableAttentionKernel(Attention a, float const* table, int const* patch)
+{
+    letNextKernelLaunch();
+    int const pair = blockIdx.x * (kRowThreads / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    int const b = pair / a.H, h = pair % a.H, C = a.H * a.D;
+    float const* rows = table + static_cast<size_t>(a.slot - 1) * kSymbols * 3 * C;
+    size_t const cache = (static_cast<size_t>(b) * a.H + h) * a.P * a.D;
+    int const lines = (a.D + 31) / 32, cached = (a.slot * a.D + 31) / 32;
+    if (pair < a.B * a.H)
+    {
+        for (int i = lane; b == 0 && i < kSymbols * 3 * lines; i += 32)
+        {
+            prefetchL2(rows + static_cast<size_t>(i / lines) * C + h * a.D + (i % lines) * 32);
+        }
+        for (int i = lane; i < cached; i += 32)
+        {
+            prefetchL2(a.cacheK + cache + i * 32);
+            prefetchL2(a.cacheV + cache + i * 32);
+        }
+    }
+    waitPreviousKernel();
+    if (pair < a.B * a.H)
+    {
+        int const token = min(max(__ldcg(patch + static_cast<size_t>(b) * a.P + a.slot - 1), 0), kEnd);
+        attendHead(rows + static_cast<size_t>(token) * 3 * C + h * a.D, a.cacheK + cache, a.cacheV + cache,
+            a.out + static_cast<size_t>(b) * C + h * a.D, C, a.D, a.slot);
+    }
+}
+
+// The table's LayerNorm'd inputs, a warp per row r = (position - 1) * 257 + byte: LayerNorm(wte[byte] +
+// wpe[position]) with the first block's ln_1, into out (rows, C).
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) tableInputKernel(T const* __restrict__ wte, T const* __restrict__ wpe,
+    T const* __restrict__ gain, T const* __restrict__ shift, float* __restrict__ out, int rows, int C)
+{
+    int const r = blockIdx.x * (kRowThreads / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (r >= rows)
+    {
+        return;
+    }
+    T const* embedding = wte + static_cast<size_t>(r % kSymbols) * C;
+    T const* position = wpe + static_cast<size_t>(r / kSymbols + 1) * C;
+    auto input = [&](int c) { return toFloat(embedding[c]) + toFloat(position[c]); };
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32)
+    {
+        s += input(c);
+    }
+    float const mean = warpSum(s) / C;
+    float d2 = 0.0f;
+    for (int c = lane; c < C; c += 32)
+    {
+        d2 += (input(c) - mean) * (input(c) - mean);
+    }
+    float const rstd = rsqrtf(warpSum(d2) / C + kLayerNormEps);
+    for (int c = lane; c < C; c += 32)
+    {
+        out[static_cast<size_t>(r) * C + c] = (input(c) - mean) * rstd * toFloat(gain[c]) + toFloat(shift[c]);
+    }
+}
+
+// ---- GEMM path
+
+// out (M, N) (=, GELU of, or +=) in (M, K) times weight (N, K)^T + bias. 64 x 16 output tiles, a thread 4 rows x 2
+// columns; A and W tiles (32 deep) staged in shared memory transposed, the next tile's loads issued before the
+// current tile's FMAs.
+template <typename T, int kEpilogue>
+__global__ void __launch_bounds__(kGemmThreads) gemmKernel(
+    float const* __restrict__ in, float* out, int M, int K, int N, T const* __restrict__ weight, T const* bias)
+{
+    constexpr int kQuads = kTileK / 4, kLoadsA = kTileM * kQuads / kGemmThreads;
+    static_assert(kTileN * kQuads == kGemmThreads, "one W quad per thread");
+    __shared__ __align__(16) float as[kTileK][kTileM + 4];
+    __shared__ __align__(16) float ws[kTileK][kTileN + 4];
+    letNextKernelLaunch();
+    waitPreviousKernel();
+    int const m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN, t = threadIdx.x;
+    int const tx = t % (kTileN / 2), ty = t / (kTileN / 2); // columns 2 tx, 2 tx + 1; rows 4 ty .. 4 ty + 3
+    float4 a[kLoadsA], w;
+    auto load = [&](int k0) {
+#pragma unroll
+        for (int i = 0; i < kLoadsA; ++i)
+        {
+            int const q = i * kGemmThreads + t, m = m0 + q / kQuads, k = k0 + 4 * (q % kQuads);
+            a[i] = m < M && k < K ? loadL2(reinterpret_cast<float4 const*>(in + static_cast<size_t>(m) * K + k))
+                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+        int const n = n0 + t / kQuads, k = k0 + 4 * (t % kQuads);
+        w = n < N && k < K ? load4(weight + static_cast<size_t>(n) * K + k) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    };
+    float acc[4][2] = {};
+    load(0);
+    for (int k0 = 0; k0 < K; k0 += kTileK)
+    {
+#pragma unroll
+        for (int i = 0; i < kLoadsA; ++i)
+        {
+            int const q = i * kGemmThreads + t, m = q / kQuads, k = 4 * (q % kQuads);
+            as[k][m] = a[i].x, as[k + 1][m] = a[i].y, as[k + 2][m] = a[i].z, as[k + 3][m] = a[i].w;
+        }
+        int const n = t / kQuads, k = 4 * (t % kQuads);
+        ws[k][n] = w.x, ws[k + 1][n] = w.y, ws[k + 2][n] = w.z, ws[k + 3][n] = w.w;
+        __syncthreads();
+        if (k0 + kTileK < K)
+        {
+            load(k0 + kTileK);
+        }
+#pragma unroll
+        for (int kk = 0; kk < kTileK; ++kk)
+        {
+            float4 const x = *reinterpret_cast<float4 const*>(&as[kk][4 * ty]);
+            float2 const y = *reinterpret_cast<float2 const*>(&ws[kk][2 * tx]);
+            acc[0][0] += x.x * y.x, acc[0][1] += x.x * y.y;
+            acc[1][0] += x.y * y.x, acc[1][1] += x.y * y.y;
+            acc[2][0] += x.z * y.x, acc[2][1] += x.z * y.y;
+            acc[3][0] += x.w * y.x, acc[3][1] += x.w * y.y;
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < 4; ++i)
+    {
+        int const m = m0 + 4 * ty + i;
+        for (int j = 0; j < 2; ++j)
+        {
+            int const n = n0 + 2 * tx + j;
+            if (m < M && n < N)
+            {
+                float& o = out[static_cast<size_t>(m) * N + n];
+                float const residual = kEpilogue == kAddResidual ? loadL2(&o) : 0.0f;
+                o = applyEpilogue<kEpilogue>(acc[i][j] + (bias ? toFloat(bias[n]) : 0.0f), residual);
+            }
+        }
+    }
+}
+
+// out (B, C) = LayerNorm(in (B, C)), a warp per row (three passes over the row, from L2).
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) layerNormKernel(
+    float const* in, float* __restrict__ out, T const* __restrict__ gain, T const* __restrict__ shift, int B, int C)
+{
+    letNextKernelLaunch();
+    waitPreviousKernel();
+    int const b = blockIdx.x * (kRowThreads / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (b >= B)
+    {
+        return;
+    }
+    float const* row = in + static_cast<size_t>(b) * C;
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32)
+    {
+        s += loadL2(row + c);
+    }
+    float const mean = warpSum(s) / C;
+    float d2 = 0.0f;
+    for (int c = lane; c < C; c += 32)
+    {
+        float const d = loadL2(row + c) - mean;
+        d2 += d * d;
+    }
+    float const rstd = rsqrtf(warpSum(d2) / C + kLayerNormEps);
+    for (int c = lane; c < C; c += 32)
+    {
+        out[static_cast<size_t>(b) * C + c] = (loadL2(row + c) - mean) * rstd * toFloat(gain[c]) + toFloat(shift[c]);
+    }
+}
+
+// A warp per (row, head).
+__global__ void __launch_bounds__(kRowThreads) attentionKernel(Attention a)
+{
+    letNextKernelLaunch();
+    waitPreviousKernel();
+    int const pair = blockIdx.x * (kRowThreads / 32) + (threadIdx.x >> 5);
+    if (pair < a.B * a.H)
+    {
+        a.attend(pair / a.H, pair % a.H);
+    }
+}
+
+// A warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) selectKernel(Select<T> s)
+{
+    letNextKernelLaunch();
+    waitPreviousKernel();
+    int const b = blockIdx.x * (kRowThreads / 32) + (threadIdx.x >> 5);
+    if (b < s.B)
+    {
+        selectRow(s, b);
+    }
+}
+
+// ---- both paths
+
+// The first input of every row, feature + wpe[0]; the counters to zero.
+template <typename T>
+__global__ void startKernel(
+    T const* __restrict__ feature, T const* __restrict__ wpe, float* __restrict__ x, int* counters, int C)
 {
     letNextKernelLaunch();
     waitPreviousKernel();
@@ -340,85 +816,19 @@ __global__ void startKernel(T const* __restrict__ feature, T const* __restrict__
     {
         x[static_cast<size_t>(b) * C + c] = toFloat(feature[static_cast<size_t>(b) * C + c]) + toFloat(wpe[c]);
     }
-    if (threadIdx.x == 0)
+    if (b == 0 && threadIdx.x < kMaxCounters)
     {
-        seen[b] = 0;
+        counters[threadIdx.x] = 0;
     }
 }
 
-// One block per row: byte `step` = argmax of the logits (the first of equal maxima, as torch.argmax), or the forced
-// byte while step < n_forced; 256 after the row's first 256; then the next input, wte[byte] + wpe[step + 1].
-template <typename T>
-__global__ void __launch_bounds__(kSelectThreads) selectKernel(float const* __restrict__ logits,
-    int const* __restrict__ forced, int const* __restrict__ nForced, int* seen, int* __restrict__ patch,
-    float* __restrict__ x, T const* __restrict__ wte, T const* __restrict__ wpe, int C, int P, int step)
-{
-    __shared__ float bestValue[kSelectThreads / 32];
-    __shared__ int bestIndex[kSelectThreads / 32];
-    __shared__ int token;
-    letNextKernelLaunch();
-    waitPreviousKernel();
-    int const b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float const* row = logits + static_cast<size_t>(b) * kSymbols;
-    float value = threadIdx.x < kSymbols ? row[threadIdx.x] : -INFINITY;
-    int index = threadIdx.x;
-    for (int i = threadIdx.x + kSelectThreads; i < kSymbols; i += kSelectThreads)
-    {
-        if (row[i] > value)
-        {
-            value = row[i], index = i;
-        }
-    }
-    auto better = [](float v, int i, float than, int thanIndex) { return v > than || (v == than && i < thanIndex); };
-    for (int o = 16; o > 0; o >>= 1)
-    {
-        float const v = __shfl_xor_sync(0xffffffffu, value, o);
-        int const i = __shfl_xor_sync(0xffffffffu, index, o);
-        if (better(v, i, value, index))
-        {
-            value = v, index = i;
-        }
-    }
-    if (lane == 0)
-    {
-        bestValue[warp] = value, bestIndex[warp] = index;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0)
-    {
-        for (int w = 1; w < kSelectThreads / 32; ++w)
-        {
-            if (better(bestValue[w], bestIndex[w], value, index))
-            {
-                value = bestValue[w], index = bestIndex[w];
-            }
-        }
-        int byte = step < *nForced ? forced[static_cast<size_t>(b) * P + step] : index;
-        if (seen[b])
-        {
-            byte = kEnd;
-        }
-        seen[b] |= byte == kEnd;
-        patch[static_cast<size_t>(b) * P + step] = byte;
-        token = min(max(byte, 0), kEnd);
-    }
-    __syncthreads();
-    if (step + 1 < P)
-    {
-        for (int c = threadIdx.x; c < C; c += kSelectThreads)
-        {
-            x[static_cast<size_t>(b) * C + c]
-                = toFloat(wte[static_cast<size_t>(token) * C + c]) + toFloat(wpe[static_cast<size_t>(step + 1) * C + c]);
-        }
-    }
-}
-
-// The step buffers, carved from TensorRT's workspace for B rows: x, qkv, attention output, MLP hidden, logits,
-// K and V caches (L, B, H, P, D), and the rows' "ended" flags.
+// The step buffers, carved from TensorRT's workspace for B rows: x, qkv, attention output (and the GEMM path's
+// normalized rows), MLP hidden, logits, K and V caches (L, B, H, P, D), and the atomic counters (B ints' room, at
+// least kMaxCounters: heads, then the head kernel's).
 struct Buffers
 {
     float *x, *qkv, *att, *hidden, *logits, *cacheK, *cacheV;
-    int* seen;
+    int* counters;
 
     static void sizes(int64_t B, Layout const& l, size_t (&bytes)[8])
     {
@@ -441,7 +851,7 @@ struct Buffers
             *floats[i] = reinterpret_cast<float*>(p);
             p += bytes[i];
         }
-        seen = reinterpret_cast<int*>(p);
+        counters = reinterpret_cast<int*>(p);
     }
 };
 
@@ -455,6 +865,41 @@ size_t workspaceBytes(int64_t B, Layout const& l)
         total += b;
     }
     return total;
+}
+
+// Every kernel of a dtype may take the whole shared memory (the GEMV path's weight rows), and all prefer shared
+// memory to L1, so that a kernel's blocks and the next one's (programmatic dependent launch) share an SM.
+template <typename T>
+cudaError_t configureKernels(int maxSmem)
+{
+    void const* big[] = {reinterpret_cast<void const*>(qkvAttentionKernel<T>),
+        reinterpret_cast<void const*>(gemvKernel<T, kAddResidual>), reinterpret_cast<void const*>(gemvKernel<T, kGelu>),
+        reinterpret_cast<void const*>(headSelectKernel<T>)};
+    void const* small[] = {reinterpret_cast<void const*>(gemmKernel<T, kStore>),
+        reinterpret_cast<void const*>(gemmKernel<T, kGelu>), reinterpret_cast<void const*>(gemmKernel<T, kAddResidual>),
+        reinterpret_cast<void const*>(layerNormKernel<T>), reinterpret_cast<void const*>(attentionKernel),
+        reinterpret_cast<void const*>(selectKernel<T>), reinterpret_cast<void const*>(startKernel<T>),
+        reinterpret_cast<void const*>(tableAttentionKernel)};
+    cudaError_t s = cudaSuccess;
+    for (void const* k : big)
+    {
+        if (s == cudaSuccess)
+        {
+            s = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, maxSmem);
+        }
+        if (s == cudaSuccess)
+        {
+            s = cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+        }
+    }
+    for (void const* k : small)
+    {
+        if (s == cudaSuccess)
+        {
+            s = cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+        }
+    }
+    return s;
 }
 
 class BytePatchDecodePlugin : public PluginBase
@@ -479,11 +924,12 @@ public:
                 + ", n_embd " + std::to_string(mEmbd) + ", byte_n_layer " + std::to_string(mLayers)
                 + ", byte_n_head " + std::to_string(mHeads));
         }
-        if (mEmbd % 8 != 0 || mEmbd > kChunk || mPatchSize > 64)
+        if (mEmbd % 8 != 0 || mEmbd > kMaxEmbd || mPatchSize > 64 || mHeads >= kMaxCounters)
         {
             throw std::invalid_argument("n_embd " + std::to_string(mEmbd) + ", patch_size " + std::to_string(mPatchSize)
-                + ": the C++ kernels take n_embd a multiple of 8 up to " + std::to_string(kChunk)
-                + " and patch_size up to 64; use the Python plugins");
+                + ", byte_n_head " + std::to_string(mHeads) + ": the C++ kernels take n_embd a multiple of 8 up to "
+                + std::to_string(kMaxEmbd) + ", patch_size up to 64 and byte_n_head up to "
+                + std::to_string(kMaxCounters - 1) + "; use the Python plugins");
         }
         int64_t const expected = layout().size();
         if (static_cast<int64_t>(mWeights.size()) != expected)
@@ -502,10 +948,8 @@ public:
 
     ~BytePatchDecodePlugin() override
     {
-        if (mDeviceWeights)
-        {
-            cudaFree(mDeviceWeights);
-        }
+        cudaFree(mDeviceWeights);
+        cudaFree(mTable);
     }
 
     nvinfer1::IPluginV3* clone() noexcept override
@@ -650,11 +1094,10 @@ private:
         {
             return true;
         }
-        if (mDeviceWeights)
-        {
-            cudaFree(mDeviceWeights);
-            mDeviceWeights = nullptr;
-        }
+        cudaFree(mDeviceWeights);
+        cudaFree(mTable);
+        mDeviceWeights = nullptr;
+        mTable = nullptr;
         size_t const n = mWeights.size();
         std::vector<__half> halves;
         void const* host = mWeights.data();
@@ -669,20 +1112,132 @@ private:
             host = halves.data();
             bytes = n * sizeof(__half);
         }
-        cudaError_t status = cudaMalloc(&mDeviceWeights, bytes);
+        int device = 0;
+        cudaError_t status = cudaGetDevice(&device);
+        if (status == cudaSuccess)
+        {
+            status = cudaDeviceGetAttribute(&mSMs, cudaDevAttrMultiProcessorCount, device);
+        }
+        if (status == cudaSuccess)
+        {
+            status = cudaDeviceGetAttribute(&mMaxSmem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+        }
+        if (status == cudaSuccess)
+        {
+            mMaxSmem -= kReservedSmem;
+            status = type == nvinfer1::DataType::kHALF ? configureKernels<__half>(mMaxSmem)
+                                                       : configureKernels<float>(mMaxSmem);
+        }
+        if (status == cudaSuccess)
+        {
+            status = cudaMalloc(&mDeviceWeights, bytes);
+        }
         if (status == cudaSuccess)
         {
             status = cudaMemcpy(mDeviceWeights, host, bytes, cudaMemcpyHostToDevice);
+        }
+        if (status == cudaSuccess)
+        {
+            status = type == nvinfer1::DataType::kHALF ? computeTable<__half>() : computeTable<float>();
         }
         if (status != cudaSuccess)
         {
             logError(std::string("BytePatchDecode: cannot put the weights on the GPU: ") + cudaGetErrorString(status));
             cudaFree(mDeviceWeights);
+            cudaFree(mTable);
             mDeviceWeights = nullptr;
+            mTable = nullptr;
             return false;
         }
         mDeviceType = type;
         return true;
+    }
+
+    // The first block's QKV projection of every later step's possible input (tableAttentionKernel), once, on the
+    // legacy default stream (as the weights' copy): (P - 1, 257, 3 C) float32.
+    template <typename T>
+    cudaError_t computeTable()
+    {
+        Layout const l = layout();
+        auto const* w = static_cast<T const*>(mDeviceWeights);
+        int const rows = (mPatchSize - 1) * kSymbols, C = mEmbd;
+        if (rows == 0)
+        {
+            return cudaSuccess;
+        }
+        float* inputs = nullptr;
+        cudaError_t s = cudaMalloc(&inputs, static_cast<size_t>(rows) * C * sizeof(float));
+        if (s == cudaSuccess)
+        {
+            s = cudaMalloc(&mTable, static_cast<size_t>(rows) * 3 * C * sizeof(float));
+        }
+        if (s == cudaSuccess)
+        {
+            dim3 const grid((rows + kRowThreads / 32 - 1) / (kRowThreads / 32));
+            tableInputKernel<T><<<grid, kRowThreads>>>(
+                w + l.wte(), w + l.wpe(), w + l.ln1W(0), w + l.ln1B(0), inputs, rows, C);
+            s = cudaGetLastError();
+        }
+        if (s == cudaSuccess)
+        {
+            dim3 const grid((3 * C + kTileN - 1) / kTileN, (rows + kTileM - 1) / kTileM);
+            gemmKernel<T, kStore><<<grid, kGemmThreads>>>(
+                inputs, static_cast<float*>(mTable), rows, C, 3 * C, w + l.attnW(0), w + l.attnB(0));
+            s = cudaGetLastError();
+        }
+        if (s == cudaSuccess)
+        {
+            s = cudaStreamSynchronize(nullptr);
+        }
+        cudaFree(inputs);
+        return s;
+    }
+
+    // Weight rows per GEMV block: about N / SMs, so that a kernel's blocks are one wave.
+    int gemvRowsPerBlock(int N) const { return std::max(1, (N + mSMs - 1) / mSMs); }
+
+    // The QKV projection's rows per block: the largest divisor of the head size not above gemvRowsPerBlock, so that
+    // a block's rows lie in one head (qkvAttentionKernel).
+    int qkvRowsPerBlock() const
+    {
+        int const D = mEmbd / mHeads, target = gemvRowsPerBlock(3 * mEmbd);
+        int rows = 1;
+        for (int r = 1; r <= std::min(D, target); ++r)
+        {
+            rows = D % r == 0 ? r : rows;
+        }
+        return rows;
+    }
+
+    template <typename T>
+    Gemv<T> gemv(float const* in, float* out, int B, int K, int N, int rows, T const* weight, T const* bias,
+        T const* normWeight = nullptr, T const* normBias = nullptr) const
+    {
+        return Gemv<T>{in, out, weight, bias, normWeight, normBias, B, K, N, rows};
+    }
+
+    template <typename T>
+    static dim3 gemvGrid(Gemv<T> const& p)
+    {
+        return dim3((p.N + p.rows - 1) / p.rows);
+    }
+
+    template <typename T>
+    static size_t gemvSmem(Gemv<T> const& p)
+    {
+        return GemvSmem(p.rows, p.K, p.B, p.normWeight != nullptr, sizeof(T)).total;
+    }
+
+    // Does every GEMV of B rows fit its shared memory?
+    bool gemvFits(int B, int elem) const
+    {
+        int const C = mEmbd;
+        int const largest = std::max({GemvSmem(qkvRowsPerBlock(), C, B, true, elem).total,
+            GemvSmem(gemvRowsPerBlock(C), C, B, false, elem).total,
+            GemvSmem(gemvRowsPerBlock(4 * C), C, B, true, elem).total,
+            GemvSmem(gemvRowsPerBlock(C), 4 * C, B, false, elem).total,
+            GemvSmem(gemvRowsPerBlock(kSymbols), C, B, true, elem).total});
+        return B <= kGemvMaxRows && largest <= mMaxSmem;
     }
 
     template <typename T>
@@ -690,53 +1245,148 @@ private:
         int64_t B, cudaStream_t stream) const
     {
         Layout const l = layout();
-        int const C = mEmbd, H = mHeads, D = mEmbd / mHeads, P = mPatchSize, rows = static_cast<int>(B);
         auto const* w = static_cast<T const*>(mDeviceWeights);
         Buffers const buf(workspace, B, l);
-        size_t const cacheLayer = static_cast<size_t>(B) * P * C;
-        dim3 const linearBlock(kLinearWarps * 32);
-        auto blocks = [](int n) { return dim3((n + kLinearWarps - 1) / kLinearWarps); };
-
-        cudaError_t s = launch(startKernel<T>, dim3(rows), 128, 0, stream, feature, w + l.wpe(), buf.x, buf.seen, C);
-        for (int step = 0; step < P && s == cudaSuccess; ++step)
+        int const rows = static_cast<int>(B);
+        cudaError_t s
+            = launch(startKernel<T>, dim3(rows), 128, 0, stream, feature, w + l.wpe(), buf.x, buf.counters, mEmbd);
+        bool const small = gemvFits(rows, sizeof(T));
+        for (int step = 0; step < mPatchSize && s == cudaSuccess; ++step)
         {
-            for (int layer = 0; layer < mLayers && s == cudaSuccess; ++layer)
+            Select<T> const select{
+                buf.logits, forced, nForced, patch, buf.x, w + l.wte(), w + l.wpe(), rows, mEmbd, mPatchSize, step};
+            s = small ? gemvStep(w, buf, select, stream) : gemmStep(w, buf, select, stream);
+        }
+        return s;
+    }
+
+    // The layer's attention at this step: its caches, slot `step`.
+    Attention attention(Buffers const& buf, int layer, int B, int step) const
+    {
+        size_t const cacheLayer = static_cast<size_t>(B) * mPatchSize * mEmbd;
+        return Attention{buf.qkv, buf.cacheK + layer * cacheLayer, buf.cacheV + layer * cacheLayer, buf.att, B, mHeads,
+            mEmbd / mHeads, mPatchSize, step};
+    }
+
+    // One step of the GEMV path: 4 kernels per layer, then the head and selection.
+    template <typename T>
+    cudaError_t gemvStep(T const* w, Buffers const& buf, Select<T> const& select, cudaStream_t stream) const
+    {
+        Layout const l = layout();
+        int const B = select.B, C = mEmbd;
+        dim3 const block(kGemvThreads);
+        cudaError_t s = cudaSuccess;
+        for (int layer = 0; layer < mLayers && s == cudaSuccess; ++layer)
+        {
+            Gemv<T> const qkv = gemv(buf.x, buf.qkv, B, C, 3 * C, qkvRowsPerBlock(), w + l.attnW(layer),
+                w + l.attnB(layer), w + l.ln1W(layer), w + l.ln1B(layer));
+            Gemv<T> const proj
+                = gemv(buf.att, buf.x, B, C, C, gemvRowsPerBlock(C), w + l.projW(layer), w + l.projB(layer));
+            Gemv<T> const fc = gemv(buf.x, buf.hidden, B, C, 4 * C, gemvRowsPerBlock(4 * C), w + l.fcW(layer),
+                w + l.fcB(layer), w + l.ln2W(layer), w + l.ln2B(layer));
+            Gemv<T> const mlp = gemv(buf.hidden, buf.x, B, 4 * C, C, gemvRowsPerBlock(C), w + l.mlpProjW(layer),
+                w + l.mlpProjB(layer));
+            if (layer == 0 && select.step > 0)
             {
-                s = launch(linearKernel<T, true, kStore>, blocks(3 * C), linearBlock, 0, stream, buf.x, buf.qkv, rows,
-                    C, 3 * C, w + l.attnW(layer), w + l.attnB(layer), w + l.ln1W(layer), w + l.ln1B(layer));
-                if (s == cudaSuccess)
-                {
-                    s = launch(attentionKernel, dim3(rows * H), 32, (D + step + 1) * sizeof(float), stream, buf.qkv,
-                        buf.cacheK + layer * cacheLayer, buf.cacheV + layer * cacheLayer, buf.att, H, D, P, step);
-                }
-                if (s == cudaSuccess)
-                {
-                    s = launch(linearKernel<T, false, kAddResidual>, blocks(C), linearBlock, 0, stream, buf.att, buf.x,
-                        rows, C, C, w + l.projW(layer), w + l.projB(layer), static_cast<T const*>(nullptr),
-                        static_cast<T const*>(nullptr));
-                }
-                if (s == cudaSuccess)
-                {
-                    s = launch(linearKernel<T, true, kGelu>, blocks(4 * C), linearBlock, 0, stream, buf.x, buf.hidden,
-                        rows, C, 4 * C, w + l.fcW(layer), w + l.fcB(layer), w + l.ln2W(layer), w + l.ln2B(layer));
-                }
-                if (s == cudaSuccess)
-                {
-                    s = launch(linearKernel<T, false, kAddResidual>, blocks(C), linearBlock, 0, stream, buf.hidden,
-                        buf.x, rows, 4 * C, C, w + l.mlpProjW(layer), w + l.mlpProjB(layer),
-                        static_cast<T const*>(nullptr), static_cast<T const*>(nullptr));
-                }
+                dim3 const grid((B * mHeads + kRowThreads / 32 - 1) / (kRowThreads / 32));
+                s = launch(tableAttentionKernel, grid, kRowThreads, 0, stream, attention(buf, layer, B, select.step),
+                    static_cast<float const*>(mTable), static_cast<int const*>(select.patch));
             }
-            if (s == cudaSuccess) // ln_f and the LM head (byte_wte, no bias)
+            else
             {
-                s = launch(linearKernel<T, true, kStore>, blocks(kSymbols), linearBlock, 0, stream, buf.x, buf.logits,
-                    rows, C, kSymbols, w + l.wte(), static_cast<T const*>(nullptr), w + l.lnFW(), w + l.lnFB());
+                s = launch(qkvAttentionKernel<T>, gemvGrid(qkv), block, gemvSmem(qkv), stream, qkv,
+                    attention(buf, layer, B, select.step), buf.counters);
             }
             if (s == cudaSuccess)
             {
-                s = launch(selectKernel<T>, dim3(rows), kSelectThreads, 0, stream, buf.logits, forced, nForced,
-                    buf.seen, patch, buf.x, w + l.wte(), w + l.wpe(), C, P, step);
+                s = launch(gemvKernel<T, kAddResidual>, gemvGrid(proj), block, gemvSmem(proj), stream, proj);
             }
+            if (s == cudaSuccess)
+            {
+                s = launch(gemvKernel<T, kGelu>, gemvGrid(fc), block, gemvSmem(fc), stream, fc);
+            }
+            if (s == cudaSuccess)
+            {
+                s = launch(gemvKernel<T, kAddResidual>, gemvGrid(mlp), block, gemvSmem(mlp), stream, mlp);
+            }
+        }
+        if (s == cudaSuccess) // ln_f and the LM head (byte_wte, no bias), then the selection
+        {
+            Gemv<T> const head = gemv(buf.x, buf.logits, B, C, kSymbols, gemvRowsPerBlock(kSymbols), w + l.wte(),
+                static_cast<T const*>(nullptr), w + l.lnFW(), w + l.lnFB());
+            s = launch(headSelectKernel<T>, gemvGrid(head), block, gemvSmem(head), stream, head, select,
+                buf.counters + mHeads);
+        }
+        return s;
+    }
+
+    template <typename T, int kEpilogue>
+    static cudaError_t gemm(float const* in, float* out, int M, int K, int N, T const* weight, T const* bias,
+        cudaStream_t stream)
+    {
+        dim3 const grid((N + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM);
+        return launch(gemmKernel<T, kEpilogue>, grid, kGemmThreads, 0, stream, in, out, M, K, N, weight, bias);
+    }
+
+    template <typename T>
+    static cudaError_t layerNorm(
+        float const* in, float* out, T const* gain, T const* shift, int B, int C, cudaStream_t stream)
+    {
+        dim3 const grid((B + kRowThreads / 32 - 1) / (kRowThreads / 32));
+        return launch(layerNormKernel<T>, grid, kRowThreads, 0, stream, in, out, gain, shift, B, C);
+    }
+
+    // One step of the GEMM path: per layer LayerNorm (into att), QKV, attention, c_proj + residual, LayerNorm, c_fc +
+    // GELU, mlp c_proj + residual; then ln_f, the LM head and the selection.
+    template <typename T>
+    cudaError_t gemmStep(T const* w, Buffers const& buf, Select<T> const& select, cudaStream_t stream) const
+    {
+        Layout const l = layout();
+        int const B = select.B, C = mEmbd, warpsPerBlock = kRowThreads / 32;
+        cudaError_t s = cudaSuccess;
+        for (int layer = 0; layer < mLayers && s == cudaSuccess; ++layer)
+        {
+            s = layerNorm(buf.x, buf.att, w + l.ln1W(layer), w + l.ln1B(layer), B, C, stream);
+            if (s == cudaSuccess)
+            {
+                s = gemm<T, kStore>(buf.att, buf.qkv, B, C, 3 * C, w + l.attnW(layer), w + l.attnB(layer), stream);
+            }
+            if (s == cudaSuccess)
+            {
+                dim3 const grid((B * mHeads + warpsPerBlock - 1) / warpsPerBlock);
+                s = launch(
+                    attentionKernel, grid, kRowThreads, 0, stream, attention(buf, layer, B, select.step));
+            }
+            if (s == cudaSuccess)
+            {
+                s = gemm<T, kAddResidual>(buf.att, buf.x, B, C, C, w + l.projW(layer), w + l.projB(layer), stream);
+            }
+            if (s == cudaSuccess)
+            {
+                s = layerNorm(buf.x, buf.att, w + l.ln2W(layer), w + l.ln2B(layer), B, C, stream);
+            }
+            if (s == cudaSuccess)
+            {
+                s = gemm<T, kGelu>(buf.att, buf.hidden, B, C, 4 * C, w + l.fcW(layer), w + l.fcB(layer), stream);
+            }
+            if (s == cudaSuccess)
+            {
+                s = gemm<T, kAddResidual>(
+                    buf.hidden, buf.x, B, 4 * C, C, w + l.mlpProjW(layer), w + l.mlpProjB(layer), stream);
+            }
+        }
+        if (s == cudaSuccess)
+        {
+            s = layerNorm(buf.x, buf.att, w + l.lnFW(), w + l.lnFB(), B, C, stream);
+        }
+        if (s == cudaSuccess)
+        {
+            s = gemm<T, kStore>(buf.att, buf.logits, B, C, kSymbols, w + l.wte(), static_cast<T const*>(nullptr), stream);
+        }
+        if (s == cudaSuccess)
+        {
+            dim3 const grid((B + warpsPerBlock - 1) / warpsPerBlock);
+            s = launch(selectKernel<T>, grid, kRowThreads, 0, stream, select);
         }
         return s;
     }
@@ -745,7 +1395,9 @@ private:
     float mTopP, mTemperature;
     std::vector<float> mWeights;
     void* mDeviceWeights = nullptr;
+    void* mTable = nullptr; // tableAttentionKernel's
     nvinfer1::DataType mDeviceType = nvinfer1::DataType::kFLOAT;
+    int mSMs = 1, mMaxSmem = 0; // of the GPU the weights are on: SMs, dynamic shared memory a GEMV block may take
 };
 
 class BytePatchDecodeCreator : public CreatorBase
