@@ -23,14 +23,15 @@
 //   head; its last block selects every row's byte and writes the next step's input). A step's input after the first
 //   is wte[byte] + wpe[step], so the first layer's LayerNorm + QKV is a row of a table computed once with the weights
 //   ((P - 1) x 257 x 3 C float32, 35 MB for bGPT base): there tableAttentionKernel, reading no weights, stands in for
-//   qkvAttentionKernel. A GEMV block owns a few whole weight rows (about N / SMs of them, so that each kernel is one
-//   wave) and copies them into shared memory with cp.async before it waits for the previous kernel (programmatic
-//   dependent launch): the weights of the next kernels stream while the current one finishes, and after the wait
-//   only the input rows (from L2) remain. All batch rows are computed from that one copy of the weights: a warp takes
-//   two weight rows at a time, lanes split K in float4s.
+//   qkvAttentionKernel. A GEMV block (8 warps, about two per SM) owns a few whole weight rows and copies them into
+//   shared memory with cp.async before it waits for the previous kernel (programmatic dependent launch): the weights
+//   of the next kernels stream while the current one finishes, and after the wait only the input rows (from L2)
+//   remain. All batch rows are computed from that one copy of the weights: a warp takes two weight rows and a slice
+//   of K (lanes over float4s), the slices' sums are added up in shared memory in a fixed order.
 // - More rows (the GEMM path), 7 kernels per layer + 3: LayerNorm kernels, a register-tiled SGEMM (64 x 16 output
-//   tiles, 4 x 2 per thread, shared-memory staging of A and W, float32 FMA; each weight read once per step and M tile)
-//   with bias / GELU / residual epilogues, the attention and the selection with a warp per (row, head) / row.
+//   tiles, 4 x 2 per thread, shared-memory staging of A and W, float32 FMA, 4 thread groups per block splitting K;
+//   each weight read once per step and M tile) with bias / GELU / residual epilogues, the attention and the
+//   selection with a warp per (row, head) / row.
 //
 // The KV cache and activations live in TensorRT's workspace; its last region holds the atomic counters (zeroed by
 // the first kernel, reset by the block that finishes each count). A row has ended when its previous byte is 256 (the
@@ -52,9 +53,13 @@ constexpr char kName[] = "BytePatchDecode";
 constexpr int kSymbols = 257; // bytes 0..255 and 256
 constexpr int kEnd = 256;
 constexpr int kGemvMaxRows = 8;  // batch rows of the GEMV path
-constexpr int kGemvThreads = 128;
+constexpr int kGemvThreads = 256;
+constexpr int kGemvWarps = kGemvThreads / 32;
+constexpr int kGemvBlocksPerSM = 2; // about: 16 warps per SM stream the weights and share the dot products
 constexpr int kRowThreads = 128; // LayerNorm, attention, selection: a warp per row or (row, head)
-constexpr int kTileM = 64, kTileN = 16, kTileK = 32, kGemmThreads = 128;
+constexpr int kTileM = 64, kTileN = 16, kTileK = 32, kTileThreads = 128;
+constexpr int kSplitK = 4; // a GEMM block's thread groups, each over every kSplitK-th K tile
+constexpr int kGemmThreads = kTileThreads * kSplitK;
 constexpr int kMaxCounters = 64; // the counters' region holds at least 256 bytes
 constexpr int kMaxEmbd = 1024;
 constexpr int kReservedSmem = 1024; // of the opt-in shared memory per block: the kernels' static shared memory
@@ -229,10 +234,10 @@ struct Gemv
 };
 
 // A GEMV block's shared memory, in bytes from its start: its weight rows (T), the LayerNorm's gain and shift (T),
-// the input rows (float), the rows' bias and residual (float); the total.
+// the input rows (float), the rows' bias and residual (float), the warps' partial sums (float); the total.
 struct GemvSmem
 {
-    int weights, gain, shift, x, bias, residual, total;
+    int weights, gain, shift, x, bias, residual, partial, total;
 
     __host__ __device__ GemvSmem(int rows, int K, int B, bool norm, int elem)
     {
@@ -243,7 +248,9 @@ struct GemvSmem
         x = shift + (norm ? align(K * elem) : 0);
         bias = x + align(B * K * 4);
         residual = bias + align(rows * 4);
-        total = residual + align(B * rows * 4);
+        partial = residual + align(B * rows * 4);
+        int const items = (rows + 1) / 2 > kGemvWarps ? (rows + 1) / 2 : kGemvWarps;
+        total = partial + align(items * kGemvMaxRows * 2 * 4);
     }
 };
 
@@ -320,20 +327,22 @@ __device__ void normalizeRows(float* x, T const* gain, T const* shift, int B, in
     }
 }
 
-// The block's outputs from shared memory: a warp per two weight rows, lanes over K in float4s, every batch row from
-// the same weight loads.
+// The block's outputs from shared memory. A warp's item is two weight rows (a pair) and a slice of K (every
+// slices-th float4 of 32 lanes; slices: warps per pair, at least 1), every batch row from the same weight loads; the
+// items' sums go through shared memory (partial) and are added up in slice order, then the epilogue.
 template <typename T, int kEpilogue>
-__device__ void gemvRows(T const* weights, float const* x, float const* bias, float const* residual, float* out,
-    int B, int K, int N, int n0, int rows)
+__device__ void gemvRows(T const* weights, float const* x, float const* bias, float const* residual, float* partial,
+    float* out, int B, int K, int N, int n0, int rows)
 {
     int const lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    for (int r = 2 * (threadIdx.x >> 5); r < rows; r += 2 * warps)
+    int const pairs = (rows + 1) / 2, slices = max(1, warps / pairs);
+    for (int item = threadIdx.x >> 5; item < pairs * slices; item += warps)
     {
-        bool const two = r + 1 < rows;
+        int const r = 2 * (item / slices), slice = item % slices;
         T const* w0 = weights + r * K;
-        T const* w1 = two ? w0 + K : w0;
+        T const* w1 = r + 1 < rows ? w0 + K : w0;
         float acc0[kGemvMaxRows] = {}, acc1[kGemvMaxRows] = {};
-        for (int k = 4 * lane; k < K; k += 128)
+        for (int k = 4 * (lane + 32 * slice); k < K; k += 128 * slices)
         {
             float4 const a = load4(w0 + k), c = load4(w1 + k);
 #pragma unroll
@@ -355,15 +364,22 @@ __device__ void gemvRows(T const* weights, float const* x, float const* bias, fl
                 float const s0 = warpSum(acc0[b]), s1 = warpSum(acc1[b]);
                 if (lane == 0)
                 {
-                    float* o = out + static_cast<size_t>(b) * N + n0 + r;
-                    o[0] = applyEpilogue<kEpilogue>(s0 + bias[r], residual[b * rows + r]);
-                    if (two)
-                    {
-                        o[1] = applyEpilogue<kEpilogue>(s1 + bias[r + 1], residual[b * rows + r + 1]);
-                    }
+                    partial[(item * kGemvMaxRows + b) * 2] = s0;
+                    partial[(item * kGemvMaxRows + b) * 2 + 1] = s1;
                 }
             }
         }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < B * rows; i += blockDim.x)
+    {
+        int const b = i / rows, r = i % rows, first = r / 2 * slices;
+        float v = bias[r];
+        for (int slice = 0; slice < slices; ++slice)
+        {
+            v += partial[((first + slice) * kGemvMaxRows + b) * 2 + (r & 1)];
+        }
+        out[static_cast<size_t>(b) * N + n0 + r] = applyEpilogue<kEpilogue>(v, residual[i]);
     }
 }
 
@@ -380,6 +396,7 @@ __device__ void gemvBlock(Gemv<T> const& p, char* smem)
     float* x = reinterpret_cast<float*>(smem + at.x);
     float* bias = reinterpret_cast<float*>(smem + at.bias);
     float* residual = reinterpret_cast<float*>(smem + at.residual);
+    float* partial = reinterpret_cast<float*>(smem + at.partial);
 
     copyAsync(weights, p.weight + static_cast<size_t>(n0) * p.K, rows * p.K * static_cast<int>(sizeof(T)));
     if (norm)
@@ -402,7 +419,7 @@ __device__ void gemvBlock(Gemv<T> const& p, char* smem)
         normalizeRows(x, gain, shift, p.B, p.K);
         __syncthreads();
     }
-    gemvRows<T, kEpilogue>(weights, x, bias, residual, p.out, p.B, p.K, p.N, n0, rows);
+    gemvRows<T, kEpilogue>(weights, x, bias, residual, partial, p.out, p.B, p.K, p.N, n0, rows);
 }
 
 template <typename T, int kEpilogue>
@@ -674,26 +691,29 @@ __global__ void __launch_bounds__(kRowThreads) tableInputKernel(T const* __restr
 // ---- GEMM path
 
 // out (M, N) (=, GELU of, or +=) in (M, K) times weight (N, K)^T + bias. 64 x 16 output tiles, a thread 4 rows x 2
-// columns; A and W tiles (32 deep) staged in shared memory transposed, the next tile's loads issued before the
-// current tile's FMAs.
+// columns; kSplitK groups of threads per block, group g over the K tiles g, g + kSplitK, ... (32 deep), whose sums
+// are added up in group order at the end. A group stages its A and W tiles in shared memory, transposed, and issues
+// the next tile's loads before the current tile's FMAs.
 template <typename T, int kEpilogue>
 __global__ void __launch_bounds__(kGemmThreads) gemmKernel(
     float const* __restrict__ in, float* out, int M, int K, int N, T const* __restrict__ weight, T const* bias)
 {
-    constexpr int kQuads = kTileK / 4, kLoadsA = kTileM * kQuads / kGemmThreads;
-    static_assert(kTileN * kQuads == kGemmThreads, "one W quad per thread");
-    __shared__ __align__(16) float as[kTileK][kTileM + 4];
-    __shared__ __align__(16) float ws[kTileK][kTileN + 4];
+    constexpr int kQuads = kTileK / 4, kLoadsA = kTileM * kQuads / kTileThreads;
+    static_assert(kTileN * kQuads == kTileThreads, "one W quad per thread");
+    static_assert(kTileThreads * 8 <= kTileK * (kTileM + 4), "a group's sums fit its A tile");
+    __shared__ __align__(16) float as[kSplitK][kTileK][kTileM + 4];
+    __shared__ __align__(16) float ws[kSplitK][kTileK][kTileN + 4];
     letNextKernelLaunch();
     waitPreviousKernel();
-    int const m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN, t = threadIdx.x;
+    int const m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
+    int const g = threadIdx.x / kTileThreads, t = threadIdx.x % kTileThreads;
     int const tx = t % (kTileN / 2), ty = t / (kTileN / 2); // columns 2 tx, 2 tx + 1; rows 4 ty .. 4 ty + 3
     float4 a[kLoadsA], w;
     auto load = [&](int k0) {
 #pragma unroll
         for (int i = 0; i < kLoadsA; ++i)
         {
-            int const q = i * kGemmThreads + t, m = m0 + q / kQuads, k = k0 + 4 * (q % kQuads);
+            int const q = i * kTileThreads + t, m = m0 + q / kQuads, k = k0 + 4 * (q % kQuads);
             a[i] = m < M && k < K ? loadL2(reinterpret_cast<float4 const*>(in + static_cast<size_t>(m) * K + k))
                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
@@ -701,27 +721,28 @@ __global__ void __launch_bounds__(kGemmThreads) gemmKernel(
         w = n < N && k < K ? load4(weight + static_cast<size_t>(n) * K + k) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     };
     float acc[4][2] = {};
-    load(0);
-    for (int k0 = 0; k0 < K; k0 += kTileK)
+    int const tiles = (K + kTileK * kSplitK - 1) / (kTileK * kSplitK); // per group; past K, zeros
+    load(g * kTileK);
+    for (int tile = 0; tile < tiles; ++tile)
     {
 #pragma unroll
         for (int i = 0; i < kLoadsA; ++i)
         {
-            int const q = i * kGemmThreads + t, m = q / kQuads, k = 4 * (q % kQuads);
-            as[k][m] = a[i].x, as[k + 1][m] = a[i].y, as[k + 2][m] = a[i].z, as[k + 3][m] = a[i].w;
+            int const q = i * kTileThreads + t, m = q / kQuads, k = 4 * (q % kQuads);
+            as[g][k][m] = a[i].x, as[g][k + 1][m] = a[i].y, as[g][k + 2][m] = a[i].z, as[g][k + 3][m] = a[i].w;
         }
         int const n = t / kQuads, k = 4 * (t % kQuads);
-        ws[k][n] = w.x, ws[k + 1][n] = w.y, ws[k + 2][n] = w.z, ws[k + 3][n] = w.w;
+        ws[g][k][n] = w.x, ws[g][k + 1][n] = w.y, ws[g][k + 2][n] = w.z, ws[g][k + 3][n] = w.w;
         __syncthreads();
-        if (k0 + kTileK < K)
+        if (tile + 1 < tiles)
         {
-            load(k0 + kTileK);
+            load(((tile + 1) * kSplitK + g) * kTileK);
         }
 #pragma unroll
         for (int kk = 0; kk < kTileK; ++kk)
         {
-            float4 const x = *reinterpret_cast<float4 const*>(&as[kk][4 * ty]);
-            float2 const y = *reinterpret_cast<float2 const*>(&ws[kk][2 * tx]);
+            float4 const x = *reinterpret_cast<float4 const*>(&as[g][kk][4 * ty]);
+            float2 const y = *reinterpret_cast<float2 const*>(&ws[g][kk][2 * tx]);
             acc[0][0] += x.x * y.x, acc[0][1] += x.x * y.y;
             acc[1][0] += x.y * y.x, acc[1][1] += x.y * y.y;
             acc[2][0] += x.z * y.x, acc[2][1] += x.z * y.y;
@@ -729,17 +750,32 @@ __global__ void __launch_bounds__(kGemmThreads) gemmKernel(
         }
         __syncthreads();
     }
+    float* sums = &as[g][0][0]; // the group's 8 sums per thread, after the last tile's reads
+    for (int i = 0; i < 8; ++i)
+    {
+        sums[i * kTileThreads + t] = acc[i / 2][i % 2];
+    }
+    __syncthreads();
+    if (g != 0)
+    {
+        return;
+    }
     for (int i = 0; i < 4; ++i)
     {
         int const m = m0 + 4 * ty + i;
         for (int j = 0; j < 2; ++j)
         {
             int const n = n0 + 2 * tx + j;
+            float v = 0.0f;
+            for (int group = 0; group < kSplitK; ++group)
+            {
+                v += (&as[group][0][0])[(2 * i + j) * kTileThreads + t];
+            }
             if (m < M && n < N)
             {
                 float& o = out[static_cast<size_t>(m) * N + n];
                 float const residual = kEpilogue == kAddResidual ? loadL2(&o) : 0.0f;
-                o = applyEpilogue<kEpilogue>(acc[i][j] + (bias ? toFloat(bias[n]) : 0.0f), residual);
+                o = applyEpilogue<kEpilogue>(v + (bias ? toFloat(bias[n]) : 0.0f), residual);
             }
         }
     }
@@ -1193,8 +1229,12 @@ private:
         return s;
     }
 
-    // Weight rows per GEMV block: about N / SMs, so that a kernel's blocks are one wave.
-    int gemvRowsPerBlock(int N) const { return std::max(1, (N + mSMs - 1) / mSMs); }
+    // Weight rows per GEMV block: about N / (kGemvBlocksPerSM SMs), so that a kernel's blocks are one wave.
+    int gemvRowsPerBlock(int N) const
+    {
+        int const blocks = kGemvBlocksPerSM * mSMs;
+        return std::max(1, (N + blocks - 1) / blocks);
+    }
 
     // The QKV projection's rows per block: the largest divisor of the head size not above gemvRowsPerBlock, so that
     // a block's rows lie in one head (qkvAttentionKernel).
