@@ -86,7 +86,7 @@ SCALES = {
         "test": dict(model=dict(n_embd=32, n_layer=1, n_head=2, byte_n_layer=1, byte_n_head=2), num_train=24,
                      num_test=4, memory_size=16, max_program=4, minutes=0.03, checkpoints=(0.5, 1.0), batch_size=4,
                      lr=2e-3, chunk_steps=2),
-        "cpu": dict(model=dict(n_embd=128, n_layer=3, n_head=4, byte_n_layer=2, byte_n_head=4), num_train=4000,
+        "cpu": dict(model=dict(n_embd=128, n_layer=3, n_head=4, byte_n_layer=2, byte_n_head=4), num_train=40000,
                     num_test=100, memory_size=32, max_program=8, minutes=10.0,
                     checkpoints=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0), batch_size=16, lr=2e-3, chunk_steps=25),
         "gpu": dict(model=dict(n_embd=384, n_layer=6, n_head=6, byte_n_layer=2, byte_n_head=6), num_train=50000,
