@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from gpu_marks import gpu_test
 
 from bytedeploy import bounds
 from bytedeploy.bench import BenchConfig, run_bench, summary_lines, write_plot
@@ -17,8 +18,7 @@ from bytedeploy.models import bfn, bgpt, bitnet, char_gpt2
 from bytedeploy.models import sigma_gpt as sg
 from bytedeploy.models.bitlinear import BitLinear
 
-gpu = pytest.mark.gpu
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = gpu_test()
 
 
 def gpt2_block(C: int, bias: bool = True) -> int:
@@ -158,7 +158,6 @@ def test_profile_call_counts_per_step(tiny_char_gpt2):
 # ----------------------------------------------------------------------------------------------- GPU
 
 
-@gpu
 @cuda
 def test_copy_bandwidth_and_launch_floor_are_plausible():
     device = torch.device("cuda")
@@ -174,7 +173,6 @@ def tiny_checkpoints(tmp_path_factory):
     return make_checkpoints(tmp_path_factory.mktemp("bounds"))
 
 
-@gpu
 @cuda
 @pytest.mark.parametrize("family", ["bgpt", "char-gpt2", "sigma-gpt", "bitnet", "bfn"])
 def test_tiny_native_row_gets_a_share_of_its_bound_and_a_profile(tiny_checkpoints, family):

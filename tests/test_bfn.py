@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
+from gpu_marks import gpu_test
 
 from bytedeploy.checkpoint import load_model
 from bytedeploy.cli import cli
@@ -163,7 +164,7 @@ def test_greedy_eager_equals_the_seeds_loop():
         assert (loop(model, ids, fixed, 15, sampled, 2)[:, :3] == ids[:3]).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu_test()
 def test_eager_on_cuda_converges_and_keeps_the_prompt():
     K, L = 16, 10
     cfg = small_config(vocab_size=K, seq_len=L, beta_1=3.0)

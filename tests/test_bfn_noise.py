@@ -9,12 +9,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from gpu_marks import gpu_test
 from onnx import TensorProto, helper, numpy_helper
 
 from bytedeploy.families import bfn as facts
 from bytedeploy.models import bfn
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = gpu_test()
 L, K = 64, 2048  # bfn small's sequence and vocabulary: 131,072 draws per row and step
 
 
@@ -151,7 +152,6 @@ def test_the_same_ops_in_an_onnx_graph_give_the_same_bits():
         np.testing.assert_array_equal(got.view(np.int32), facts.update_noise(step_keys, 10, 24).view(np.int32))
 
 
-@pytest.mark.gpu
 @cuda
 def test_torch_cuda_and_a_captured_cuda_graph_give_numpys_bits():
     """Eager on CUDA computes the noise on the device; native computes it inside its CUDA graph, from a device table

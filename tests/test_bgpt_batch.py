@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gpu_marks import gpu_test
 
 from bytedeploy.checkpoint import save_checkpoint
 from bytedeploy.generation import GenerateRequest
@@ -173,10 +174,9 @@ def test_draw_rows_follows_the_distribution():
     assert np.abs(freq - logits.softmax(-1)[0].numpy()).max() < 0.03
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = gpu_test()
 
 
-@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["float32"])
 def test_batched_native_equals_native_generate(checkpoint, dtype):
@@ -201,7 +201,6 @@ def test_batched_native_equals_native_generate(checkpoint, dtype):
     assert again == got
 
 
-@pytest.mark.gpu
 @needs_cuda
 def test_batched_native_sampled_rows_alone_equal_crowded(checkpoint):
     model = open_model(checkpoint, "native", device="cuda")

@@ -6,12 +6,13 @@ import textwrap
 import pytest
 import torch
 import triton_interpreter
+from gpu_marks import gpu_test
 
 from bytedeploy.errors import UserError
 from bytedeploy.models.bitlinear import ACT_QMAX, EPS, bitlinear_int, pack_ternary
 from bytedeploy.plugins import bitlinear_kernels as bk
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or bk.triton is None, reason="needs a CUDA GPU and Triton")
+gpu = gpu_test(bk.triton is None, "needs a CUDA GPU and Triton")
 
 
 def tie_row(K: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
+from gpu_marks import gpu_test
 
 from bytedeploy.cli import build_model_config, cli
 from bytedeploy.errors import UserError
@@ -355,7 +356,7 @@ def test_cli_train_lowers_loss_then_generates(tmp_path):
     assert gen.exit_code == 0 and "eager: 32 bytes" in gen.output, gen.output
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu_test()
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_integer_path_and_generation(mode):
     layer = make_layer(130, 72, mode).cuda()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from gpu_marks import gpu_test
 
 from bytedeploy.cli import arch_overrides, build_model_config, cli
 from bytedeploy.generation import GenerateRequest
@@ -162,7 +163,7 @@ def test_cli_no_save_writes_nothing(tmp_path, monkeypatch):
     assert list(scratch.iterdir()) == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu_test()
 def test_greedy_eager_equals_reference_on_cuda():
     model = make_model(block_size=8, device="cuda")
     ref = char_gpt2.generate_reference(model, [1, 2, 3], 30, GREEDY, np.random.default_rng(0))

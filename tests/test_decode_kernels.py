@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 import triton_interpreter
+from gpu_marks import gpu_test
 
 from bytedeploy.models import bgpt
 from bytedeploy.models.layers import GPT2Stack, GPT2StackConfig
@@ -18,7 +19,7 @@ from bytedeploy.plugins.patch_decode import SPECIAL, PatchDecoder
 from bytedeploy.runtimes import native
 from bytedeploy.sampling import SamplingConfig
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = gpu_test()
 
 
 def decode(stack, embeds, kernels: str, n_slots: int):

@@ -13,6 +13,7 @@ import onnx.helper as oh
 import pytest
 import torch
 from click.testing import CliRunner
+from gpu_marks import gpu_test
 
 from bytedeploy.cli import cli
 from bytedeploy.errors import UserError
@@ -152,8 +153,7 @@ def test_text_report(tmp_path, monkeypatch):
     assert "\n  ort              runs here:" in out
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu_test()
 def test_doctor_sees_this_gpu(monkeypatch):
     """On a GPU machine, the real root: nvidia-smi's GPU is the one torch sees."""
     monkeypatch.delenv(dr.SYSROOT_ENV, raising=False)

@@ -8,6 +8,7 @@ sampling is reproducible. CPU test: asking for native without CUDA is a one-line
 import numpy as np
 import pytest
 import torch
+from gpu_marks import gpu_test
 
 from bytedeploy.errors import UserError
 from bytedeploy.generation import GenerateRequest
@@ -20,7 +21,7 @@ from bytedeploy.tokenizers import CharTokenizer
 
 GREEDY = SamplingConfig(temperature=0.0)
 SAMPLED = SamplingConfig(top_k=20, top_p=0.9, temperature=0.8, seed=5)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = gpu_test()
 
 
 def spread(model, std=0.5, seed=0):

@@ -15,6 +15,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from gpu_marks import gpu_test
 from onnx import helper, numpy_helper
 from plugin_descs import Expr, ExprBuilder, dynamic_desc, tensor_desc
 
@@ -38,7 +39,7 @@ from bytedeploy.sampling import SamplingConfig
 trt = trt_plugins.trt
 needs_trt = pytest.mark.skipif(trt is None, reason="TensorRT's Python module (tensorrt / tensorrt_rtx) is missing")
 needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="TensorRT-RTX is missing")
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+gpu = gpu_test()
 
 GREEDY = SamplingConfig(temperature=0.0)
 SAMPLED = SamplingConfig(top_k=0, top_p=1.0, temperature=2.0, seed=5)  # hot: draws differ from call to call

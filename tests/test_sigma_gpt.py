@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from gpu_marks import gpu_test
 
 from bytedeploy.cli import cli
 from bytedeploy.errors import UserError
@@ -274,7 +275,7 @@ def test_cli_train_lowers_loss_and_burst_generates(tmp_path):
         assert result.exit_code == 1 and message in result.output, result.output
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu_test()
 def test_sampling_on_cuda_matches_cpu(tmp_path):
     text = "def sample(x):\n    return x + 1\n"
     tok, assets = assets_with_tokenizer(tmp_path, text)

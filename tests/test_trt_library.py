@@ -22,6 +22,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from gpu_marks import gpu_test
 from test_patch_decode_plugin import tiny_bgpt
 
 from bytedeploy.checkpoint import save_checkpoint
@@ -44,8 +45,7 @@ def aligned(nbytes: int) -> int:
     return 256 * math.ceil(nbytes / 256)  # the plugins' workspace regions start on 256 bytes
 
 
-def gpu(test):
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+gpu = gpu_test()
 
 
 def tensorrt_include() -> str:

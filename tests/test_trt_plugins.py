@@ -9,6 +9,7 @@ inside a TensorRT builder."""
 
 import pytest
 import torch
+from gpu_marks import gpu_test
 from plugin_descs import Expr, ExprBuilder, dynamic_desc, tensor_desc
 
 from bytedeploy.exporters.bundle import CUSTOM_DOMAIN, CUSTOM_OPS
@@ -18,8 +19,7 @@ from bytedeploy.plugins.trt_plugins import BitLinearPlugin, BitLinearPluginCreat
 
 trt = trt_plugins.trt
 needs_trt = pytest.mark.skipif(trt is None, reason="TensorRT's Python module (tensorrt / tensorrt_rtx) is missing")
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or bitlinear_kernels.triton is None,
-                         reason="needs a CUDA GPU and Triton")
+gpu = gpu_test(bitlinear_kernels.triton is None, "needs a CUDA GPU and Triton")
 
 
 def make_plugin(K: int, N: int) -> BitLinearPlugin:
