@@ -292,7 +292,12 @@ __global__ void __launch_bounds__(kThreads, 2) gemvKernel(T const* __restrict__ 
             w[r][s] = load(r, lane + 32 * s); // weights first: they do not depend on the previous kernel
         }
     }
-    waitPreviousKernel();
+    // Always taken. Behind a branch the wait stays below the loads above; as a plain statement ptxas (CUDA 13.0)
+    // scheduled it above every one of them, so no weight was requested before the previous kernel ended.
+    if (blockIdx.x < gridDim.x)
+    {
+        waitPreviousKernel();
+    }
 
     float scale[kTokens];
     quantizeTokens<T, kTokens, true>(x, 8 * chunks, K, partial, reinterpret_cast<uint2*>(xs), scale);
