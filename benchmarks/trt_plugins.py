@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensorrt-include", default=None, help="folder with TensorRT's NvInferRuntime.h")
     parser.add_argument("--plugins", default="BitLinear,BytePatchDecode", help="which plugins to time (comma list)")
     args = parser.parse_args(argv)
+    plugins = args.plugins.split(",")
+    if unknown := [p for p in plugins if p not in ("BitLinear", "BytePatchDecode")]:
+        print(f"Error: unknown plugin {', '.join(unknown)}; --plugins takes BitLinear and BytePatchDecode",
+              file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("Error: the plugin benchmark needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -134,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
                                                                                    else argv),
                   "timing": f"CUDA graphs replayed; median of {args.replays} event-timed replays after 3 warm-ups "
                             "(BitLinear: per call of a graph over weight copies taking 3x the L2)"}
-        plugins = args.plugins.split(",")
         if "BitLinear" in plugins:
             result["bitlinear"] = bench_bitlinear(harness, folder, args.replays, props.L2_cache_size)
         if "BytePatchDecode" in plugins:

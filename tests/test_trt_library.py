@@ -119,6 +119,15 @@ def test_build_errors_are_one_line(tmp_path, capsys):
     assert build_trt.gencode_flags(["87", "90"])[-2:] == ["-gencode", "arch=compute_90,code=compute_90"]
 
 
+def test_plugin_benchmark_refuses_an_unknown_plugin_in_one_line(tmp_path, capsys):
+    from bytedeploy.benchmarks import trt_plugins
+
+    assert trt_plugins.main(["--out", str(tmp_path / "x.json"), "--plugins", "BitLinear,bitlinear"]) == 2
+    assert capsys.readouterr().err == ("Error: unknown plugin bitlinear; --plugins takes BitLinear and "
+                                       "BytePatchDecode\n")
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_build_finds_the_library_beside_the_package_or_the_named_one(tmp_path, monkeypatch):
     monkeypatch.setattr(tb, "default_library", lambda: tmp_path / "absent.so")
     assert tb.plugin_library() is None
