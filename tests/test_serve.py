@@ -535,9 +535,13 @@ def test_a_stream_sends_updates_that_queued_up_as_one_chunk():
         for update in (RowUpdate(0, b"ab"), RowUpdate(0, b"cd"), RowUpdate(0, b"ef", done=True, output=b"abcdef")):
             job.updates.put_nowait(update)
         first = [await completion.next_update(0)]
-        events = [e async for e in completion.events(first, [completion.take(0, first[0])])]
-        return [json.loads(e[len("data: "):]) for e in events if e and "[DONE]" not in e]
+        pieces = [e async for e in completion.events(first, [completion.take(0, first[0])])]
+        return pieces
 
-    chunks = asyncio.run(stream())
+    pieces = asyncio.run(stream())
+    # the stream's end (the last event and [DONE]) is one piece: one write, where the client waits for it
+    assert len(pieces) == 2 and pieces[1].endswith("data: [DONE]\n\n")
+    events = [e for piece in pieces for e in piece.split("\n\n") if e and "[DONE]" not in e]
+    chunks = [json.loads(e[len("data: "):]) for e in events]
     assert [c["choices"][0]["text"] for c in chunks] == ["ab", "cdef"]
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "length"]

@@ -314,13 +314,18 @@ class Completion:
                                  headers={"Cache-Control": "no-cache"})
 
     async def events(self, first: list, texts: list[str]):
+        """The stream's events, those of updates that came together in one piece. The stream's end (the last
+        event, the usage chunk and [DONE]) goes out in one piece too: a client reads to the end of a stream before
+        it sends its next request, so each write there is on its path."""
         pending = {}  # choice -> task reading its next update (several choices)
+        end = ""  # the stream's end, held back to go out in one piece
         try:
-            running = []  # choices with more to come
-            for i, (update, text) in enumerate(zip(first, texts)):
-                yield self.event(i, update, text)
-                if not (update.done or self.texts[i].stopped):
-                    running.append(i)
+            events = "".join(self.event(i, update, text) for i, (update, text) in enumerate(zip(first, texts)))
+            running = [i for i, update in enumerate(first) if not (update.done or self.texts[i].stopped)]
+            if not running:
+                end = events
+            elif events:
+                yield events
             if len(self.jobs) == 1:  # the usual request: its updates in order, no task per update
                 queue, finished = self.jobs[0].updates, not running
                 while not finished:
@@ -331,31 +336,39 @@ class Completion:
                         more = queue.get_nowait()
                         text += self.take(0, more)
                         update = replace(more, new=update.new + more.new)
-                    yield self.event(0, update, text)
                     finished = update.done or self.texts[0].stopped
+                    if finished:
+                        end = self.event(0, update, text)
+                    elif event := self.event(0, update, text):
+                        yield event
             else:
                 pending = {i: asyncio.ensure_future(self.next_update(i)) for i in running}
             while pending:
                 done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+                events = ""
                 for i in [i for i, task in pending.items() if task in done]:
                     update = pending.pop(i).result()
-                    yield self.event(i, update, self.take(i, update))
+                    events += self.event(i, update, self.take(i, update))
                     if not (update.done or self.texts[i].stopped):
                         pending[i] = asyncio.ensure_future(self.next_update(i))
+                if not pending:
+                    end = events
+                elif events:
+                    yield events
             usage = self.usage()
             if self.body.stream_options and self.body.stream_options.include_usage:
-                yield self.chunk([], usage)
+                end += self.chunk([], usage)
         except TimeoutError:
-            yield f"data: {json.dumps(error_body(504, 'the request took longer than --request-timeout'))}\n\n"
+            end += f"data: {json.dumps(error_body(504, 'the request took longer than --request-timeout'))}\n\n"
         except UserError as e:
-            yield f"data: {json.dumps(error_body(400, str(e)))}\n\n"
+            end += f"data: {json.dumps(error_body(400, str(e)))}\n\n"
         except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in it
-            yield f"data: {json.dumps(error_body(500, f'internal error: {type(e).__name__}'))}\n\n"
+            end += f"data: {json.dumps(error_body(500, f'internal error: {type(e).__name__}'))}\n\n"
         finally:
             for task in pending.values():
                 task.cancel()
             self.cancel()  # finished jobs are left alone; a client gone mid-stream cancels the rest
-        yield "data: [DONE]\n\n"
+        yield end + "data: [DONE]\n\n"
 
     def event(self, i: int, update, text: str) -> str:
         """Choice i's chunk for an update; '' for a step that added nothing (a BFN step before the last)."""
