@@ -586,7 +586,11 @@ def main(argv=None) -> None:
         sys.exit(f"Error: {e}")
     write_json(doc, out)
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
-    plot_result(args.claim, doc, plot)
+    try:
+        plot_result(args.claim, doc, plot)
+    except ImportError:  # the results are written: the plot alone is missing
+        print(f"wrote {out}; the plot needs matplotlib: pip install -e \".[fidelity]\"")
+        return
     print(f"wrote {out} and {plot}")
 
 
