@@ -3,6 +3,8 @@
     python -m bytedeploy.benchmarks.fidelity --claim NAME [--device cpu|cuda] [--scale test|cpu|gpu]
         [--minutes M] [--steps N] [--out FILE.json] [--plot FILE.png]
 
+    python -m bytedeploy.benchmarks.fidelity --replot FILE.json [--plot FILE.png]   (a run's plot, made again)
+
 writes benchmarks/results/<machine>-fidelity-<claim>.json (and .png) unless --out / --plot say otherwise; <machine>
 is "cpu" or the GPU's model ("h100"). --scale picks the sizes below (default: gpu on CUDA, else cpu; "test" is the
 seconds-long setting of tests/test_fidelity.py). docs/fidelity.md sets each result against the paper's figure.
@@ -45,6 +47,7 @@ import argparse
 import contextlib
 import functools
 import io
+import json
 import math
 import os
 import re
@@ -568,7 +571,7 @@ def run_claim(claim: str, device: torch.device, scale_name: str, minutes: float 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--claim", required=True, choices=CLAIMS)
+    ap.add_argument("--claim", choices=CLAIMS, help="the protocol to run (required unless --replot)")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto [default: cuda when present]")
     ap.add_argument("--scale", default=None, choices=("test", "cpu", "gpu"),
                     help="sizes (SCALES) [default: gpu on CUDA, else cpu]")
@@ -576,22 +579,36 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="bitnet: optimizer steps per run [default: the scale's]")
     ap.add_argument("--out", default=None, help="JSON [default: benchmarks/results/<machine>-fidelity-<claim>.json]")
     ap.add_argument("--plot", default=None, help="PNG [default: the --out path with .png]")
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="run nothing: plot a run's JSON (made where matplotlib was missing) [PNG: --plot, else "
+                         "the JSON's path with .png]")
     args = ap.parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        scale = args.scale or ("gpu" if device.type == "cuda" else "cpu")
-        out = Path(args.out or f"benchmarks/results/{machine_tag(device)}-fidelity-{args.claim}.json")
-        doc = run_claim(args.claim, device, scale, args.minutes, args.steps)
-    except UserError as e:
-        sys.exit(f"Error: {e}")
-    write_json(doc, out)
+    if args.replot:
+        out = Path(args.replot)
+        try:
+            doc = json.loads(out.read_text())
+            claim = doc["claim"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"Error: {out} is not a fidelity results file ({type(e).__name__}: {e})")
+    elif args.claim is None:
+        ap.error("--claim is required (or --replot JSON)")
+    else:
+        claim = args.claim
+        try:
+            device = resolve_device(args.device)
+            scale = args.scale or ("gpu" if device.type == "cuda" else "cpu")
+            out = Path(args.out or f"benchmarks/results/{machine_tag(device)}-fidelity-{claim}.json")
+            doc = run_claim(claim, device, scale, args.minutes, args.steps)
+        except UserError as e:
+            sys.exit(f"Error: {e}")
+        write_json(doc, out)
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     try:
-        plot_result(args.claim, doc, plot)
+        plot_result(claim, doc, plot)
     except ImportError:  # the results are written: the plot alone is missing
-        print(f"wrote {out}; the plot needs matplotlib: pip install -e \".[fidelity]\"")
+        print(f"wrote {out}; the plot needs matplotlib: pip install -e \".[fidelity]\", then --replot {out}")
         return
-    print(f"wrote {out} and {plot}")
+    print(f"wrote {plot}" if args.replot else f"wrote {out} and {plot}")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,13 @@ def test_main_writes_json_and_plot(tmp_path):
     fidelity.main(["--claim", "bitnet", "--scale", "test", "--device", "cpu", "--steps", "2", "--out", str(out)])
     doc = json.loads(out.read_text())
     assert doc["settings"]["steps"] == 2 and out.with_suffix(".png").stat().st_size > 0
+    # a run's JSON plotted again, as after a run on a machine without matplotlib
+    fidelity.main(["--replot", str(out), "--plot", str(tmp_path / "again.png")])
+    assert (tmp_path / "again.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="Error: .* is not a fidelity results file"):
+        fidelity.main(["--replot", str(tmp_path / "again.png")])
+    with pytest.raises(SystemExit):  # argparse: neither --claim nor --replot
+        fidelity.main([])
 
 
 def test_bad_options_are_one_line_errors():
