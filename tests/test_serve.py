@@ -513,35 +513,54 @@ def test_bundles_served_by_the_deploy_install(deploy_venv, tiny_bundles):
             server.stop()
 
 
-def test_a_stream_sends_updates_that_queued_up_as_one_chunk():
-    """Steps that ended while the event loop was busy reach a streaming client as one chunk, not one per step."""
+def stream_pieces(updates: list) -> list[str]:
+    """Completion.events over one job's queued updates, without a server -> the pieces it yields (one write each)."""
     import asyncio
     from types import SimpleNamespace
 
-    from bytedeploy.generation import RowUpdate
     from bytedeploy.runner import Limits
     from bytedeploy.serve.api import CompletionRequest
     from bytedeploy.serve.app import Completion
     from bytedeploy.serve.metrics import Metrics
     from bytedeploy.serve.scheduler import Job
 
-    async def stream() -> list[dict]:
+    async def stream() -> list[str]:
         model = SimpleNamespace(limits=Limits(64, 64, "byte"), count_tokens=len)
         scheduler = SimpleNamespace(cancel=lambda job: None)
         request = GenerateRequest(b"x", 6, 1, SamplingConfig(temperature=0.0), {})
         job = Job(request)
         completion = Completion(model, scheduler, Metrics(), CompletionRequest(prompt="x", max_tokens=6, stream=True),
                                 request, [job], "m", time.monotonic() + 10)
-        for update in (RowUpdate(0, b"ab"), RowUpdate(0, b"cd"), RowUpdate(0, b"ef", done=True, output=b"abcdef")):
+        for update in updates:
             job.updates.put_nowait(update)
         first = [await completion.next_update(0)]
-        pieces = [e async for e in completion.events(first, [completion.take(0, first[0])])]
-        return pieces
+        return [e async for e in completion.events(first, [completion.take(0, first[0])])]
 
-    pieces = asyncio.run(stream())
-    # the stream's end (the last event and [DONE]) is one piece: one write, where the client waits for it
+    return asyncio.run(stream())
+
+
+def piece_events(piece: str) -> list[dict]:
+    return [json.loads(e[len("data: "):]) for e in piece.split("\n\n") if e and "[DONE]" not in e]
+
+
+def test_a_stream_sends_updates_that_queued_up_as_one_chunk():
+    """Steps that ended while the event loop was busy reach a streaming client as one chunk, not one per step; the
+    stream's end (the last event and [DONE]) is one piece: one write, where the client waits for it."""
+    from bytedeploy.generation import RowUpdate
+
+    pieces = stream_pieces([RowUpdate(0, b"ab"), RowUpdate(0, b"cd"), RowUpdate(0, b"ef", done=True, output=b"abcdef")])
     assert len(pieces) == 2 and pieces[1].endswith("data: [DONE]\n\n")
-    events = [e for piece in pieces for e in piece.split("\n\n") if e and "[DONE]" not in e]
-    chunks = [json.loads(e[len("data: "):]) for e in events]
+    chunks = [event for piece in pieces for event in piece_events(piece)]
     assert [c["choices"][0]["text"] for c in chunks] == ["ab", "cdef"]
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "length"]
+
+
+def test_a_stream_that_fails_midway_ends_with_its_error_in_one_piece():
+    from bytedeploy.errors import UserError
+    from bytedeploy.generation import RowUpdate
+
+    pieces = stream_pieces([RowUpdate(0, b"ab"), RowUpdate(0, done=True, error=UserError("the row failed"))])
+    assert len(pieces) == 2 and pieces[1].endswith("data: [DONE]\n\n")
+    assert piece_events(pieces[0])[0]["choices"][0]["text"] == "ab"
+    assert piece_events(pieces[1]) == [{"error": {"message": "the row failed", "type": "invalid_request_error",
+                                                  "param": None, "code": None}}]

@@ -314,18 +314,17 @@ class Completion:
                                  headers={"Cache-Control": "no-cache"})
 
     async def events(self, first: list, texts: list[str]):
-        """The stream's events, those of updates that came together in one piece. The stream's end (the last
-        event, the usage chunk and [DONE]) goes out in one piece too: a client reads to the end of a stream before
-        it sends its next request, so each write there is on its path."""
+        """The stream's events; those of updates that came together go out in one piece. The stream's end (the last
+        events, the usage chunk and [DONE], or an error and [DONE]) goes out in one piece too: a client reads to the
+        end of a stream before it sends its next request, so each write there is on its path."""
         pending = {}  # choice -> task reading its next update (several choices)
-        end = ""  # the stream's end, held back to go out in one piece
+        held = ""  # events not sent yet: sent with the next events, or as the stream's end
         try:
-            events = "".join(self.event(i, update, text) for i, (update, text) in enumerate(zip(first, texts)))
+            held = "".join(self.event(i, update, text) for i, (update, text) in enumerate(zip(first, texts)))
             running = [i for i, update in enumerate(first) if not (update.done or self.texts[i].stopped)]
-            if not running:
-                end = events
-            elif events:
-                yield events
+            if running and held:
+                yield held
+                held = ""
             if len(self.jobs) == 1:  # the usual request: its updates in order, no task per update
                 queue, finished = self.jobs[0].updates, not running
                 while not finished:
@@ -336,39 +335,37 @@ class Completion:
                         more = queue.get_nowait()
                         text += self.take(0, more)
                         update = replace(more, new=update.new + more.new)
+                    held += self.event(0, update, text)
                     finished = update.done or self.texts[0].stopped
-                    if finished:
-                        end = self.event(0, update, text)
-                    elif event := self.event(0, update, text):
-                        yield event
+                    if not finished and held:
+                        yield held
+                        held = ""
             else:
                 pending = {i: asyncio.ensure_future(self.next_update(i)) for i in running}
             while pending:
                 done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
-                events = ""
                 for i in [i for i, task in pending.items() if task in done]:
                     update = pending.pop(i).result()
-                    events += self.event(i, update, self.take(i, update))
+                    held += self.event(i, update, self.take(i, update))
                     if not (update.done or self.texts[i].stopped):
                         pending[i] = asyncio.ensure_future(self.next_update(i))
-                if not pending:
-                    end = events
-                elif events:
-                    yield events
+                if pending and held:
+                    yield held
+                    held = ""
             usage = self.usage()
             if self.body.stream_options and self.body.stream_options.include_usage:
-                end += self.chunk([], usage)
+                held += self.chunk([], usage)
         except TimeoutError:
-            end += f"data: {json.dumps(error_body(504, 'the request took longer than --request-timeout'))}\n\n"
+            held += f"data: {json.dumps(error_body(504, 'the request took longer than --request-timeout'))}\n\n"
         except UserError as e:
-            end += f"data: {json.dumps(error_body(400, str(e)))}\n\n"
+            held += f"data: {json.dumps(error_body(400, str(e)))}\n\n"
         except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in it
-            end += f"data: {json.dumps(error_body(500, f'internal error: {type(e).__name__}'))}\n\n"
+            held += f"data: {json.dumps(error_body(500, f'internal error: {type(e).__name__}'))}\n\n"
         finally:
             for task in pending.values():
                 task.cancel()
             self.cancel()  # finished jobs are left alone; a client gone mid-stream cancels the rest
-        yield end + "data: [DONE]\n\n"
+        yield held + "data: [DONE]\n\n"
 
     def event(self, i: int, update, text: str) -> str:
         """Choice i's chunk for an update; '' for a step that added nothing (a BFN step before the last)."""
